@@ -1,0 +1,95 @@
+"""Envelopes: the Structs that cross the pipe between the supervisor and one worker process.
+
+There are two channels, each a tagged union with one decoder: `Inbound` (supervisor to worker) and `Outbound`
+(worker to supervisor). One frame on the pipe is a msgpack array of envelopes of its channel, so a busy loop writes
+many envelopes with one system call. Structs are `array_like` to keep frames small and encoding fast.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", array_like=True):
+    """Base of every envelope; the tag names the concrete type on the wire."""
+
+
+# Supervisor to worker ---------------------------------------------------------------------------------------------
+
+
+class Message(Envelope, tag="message"):
+    """One MQTT message (from the broker or from another worker) handed to a worker.
+
+    `id` is unique within one supervisor run; `attempt` is 1 on first delivery and grows each time the message is
+    delivered again after the worker that had it died.
+    """
+
+    id: int
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    attempt: int = 1
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+    @property
+    def redelivered(self) -> bool:
+        return self.attempt > 1
+
+    def text(self) -> str:
+        """The payload as UTF-8 text; raises UnicodeDecodeError for other bytes."""
+        return self.payload.decode()
+
+
+class Stop(Envelope, tag="stop"):
+    """Finish the message in hand, run `on_stop` and exit."""
+
+
+Inbound = Message | Stop
+
+
+# Worker to supervisor ---------------------------------------------------------------------------------------------
+
+
+class Started(Envelope, tag="started"):
+    """The worker's `on_start` returned; it now takes messages."""
+
+    pid: int
+
+
+class Publish(Envelope, tag="publish"):
+    """Publish `payload` on `topic`: to local subscribers, and to the broker unless `local_only`.
+
+    `expiry` is the MQTT 5 message expiry in seconds: None takes the configured default for events (non-retained
+    publications) and no expiry for retained ones; 0 means never expire.
+    """
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    expiry: int | None = None
+    local_only: bool = False
+
+
+class Handled(Envelope, tag="handled"):
+    """The worker finished message `id` (successfully or not) after `seconds` of handling."""
+
+    id: int
+    seconds: float
+    failed: bool = False
+
+
+class ErrorReported(Envelope, tag="error"):
+    """The worker counts one error of `kind` (a short fixed word such as `scrape` or `ai`)."""
+
+    kind: str
+    detail: str
+
+
+class Heartbeat(Envelope, tag="heartbeat"):
+    """The worker's loop is alive and idle."""
+
+
+Outbound = Started | Publish | Handled | ErrorReported | Heartbeat

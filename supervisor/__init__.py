@@ -1,0 +1,21 @@
+"""mqtt-home-supervisor: one MQTT connection, many isolated worker processes.
+
+The map (imports only point down the list; `contracts` is shared with the workers):
+
+    cli          the command line: parse arguments, load config, run, exit codes
+    core         the Supervisor: one selector loop wiring everything below together
+    mqtt         the MQTT link: the only module that imports paho
+    router       which workers a topic goes to (MQTT wildcard matching)
+    processes    worker processes: start, pipe, stop, kill, exit status
+    supervision  restart policy: backoff, intensity, when a worker has failed
+    runtime      the worker side of the pipe: the loop inside each worker process
+    channel      length-framed msgspec envelopes over a pipe
+    loop         the selector loop and its timers
+    config       the TOML file, environment overrides and secrets
+    registry     finding worker classes in the worker packages
+    errors       the exception types
+"""
+
+__version__ = "0.1.0"
+# Marks this package apart from PyPI's `supervisor` (supervisord), which uses the same import name.
+__distribution__ = "mqtt-home-supervisor"

@@ -1,0 +1,79 @@
+"""The command line: `python -m supervisor --config PATH [--check-config] [--version] [--log-level LEVEL]`.
+
+Exit codes: 0 clean stop (or a valid config with --check-config), 2 bad command line or config, 1 fatal error at
+run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from types import ModuleType
+
+import supervisor
+from supervisor.errors import ConfigError, WrongPackageError
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+_DISTRIBUTION = "mqtt-home-supervisor"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        check_package_identity(supervisor)
+    except WrongPackageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from supervisor import config  # after the identity check: another `supervisor` has no such module
+
+    from supervisor.core import Supervisor
+
+    try:
+        settings = config.load(args.config)
+        supervisor_ = Supervisor(settings)  # validates every worker's subscriptions too
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.check_config:
+        enabled = ", ".join(w.name for w in settings.workers) or "none"
+        found = ", ".join(settings.available_workers) or "none"
+        print(f"{args.config}: OK; workers enabled: {enabled}; workers found: {found}")
+        return EXIT_OK
+    try:
+        return supervisor_.run()
+    except Exception:  # policy: anything unexpected at run time is fatal, reported once with its traceback
+        logging.getLogger("supervisor").critical("fatal error", exc_info=True)
+        return EXIT_FATAL
+
+
+def check_package_identity(module: ModuleType) -> None:
+    """Raise WrongPackageError unless `module` (what `import supervisor` gave) is this project's package."""
+    if getattr(module, "__distribution__", None) != _DISTRIBUTION:
+        raise WrongPackageError(str(getattr(module, "__file__", None) or getattr(module, "__path__", "?")))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m supervisor",
+        description="Run home-automation workers behind one MQTT connection.",
+    )
+    parser.add_argument("--config", required=True, metavar="PATH", help="the TOML config file")
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the config and every enabled worker's section, then exit"
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"{_DISTRIBUTION} {getattr(supervisor, '__version__', '?')}"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="log level (default INFO)",
+    )
+    return parser

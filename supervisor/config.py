@@ -1,0 +1,343 @@
+"""Configuration: the TOML file, environment overrides and secrets, decoded into typed, validated settings.
+
+Every table forbids unknown keys. Every error is a `ConfigError` naming the file (or environment variable), the
+dotted key, what was expected and what was found, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+from contracts import Worker
+from supervisor.errors import ConfigError
+from supervisor.registry import discover
+
+T = TypeVar("T")
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+
+
+class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every config table: immutable, keyword-only, unknown keys rejected."""
+
+
+class SupervisorConfig(_Table):
+    base_topic: str = "supervisor"
+    # Empty: $STATE_DIRECTORY (set by systemd's StateDirectory=) or ./state. Relative paths are from the cwd.
+    state_dir: str = ""
+    shutdown_timeout_seconds: Seconds = 10.0
+    worker_packages: list[str] = msgspec.field(default_factory=lambda: ["workers"])
+    # forkserver (default: fast, small) or spawn. Plain fork is not offered: a child would inherit the MQTT
+    # socket, and a worker holding it open keeps the broker from ever sending the will.
+    start_method: Literal["forkserver", "spawn"] = "forkserver"
+
+
+class TlsConfig(_Table):
+    enabled: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+class MqttConfig(_Table):
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    # Empty: "supervisor-<hostname>", stable across restarts (persistent session) and unique per host.
+    client_id: str = ""
+    protocol: Literal[5, 311] = 5
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    keepalive_seconds: Annotated[int, msgspec.Meta(ge=5, le=65535)] = 30
+    connect_timeout_seconds: Seconds = 3.0
+    reconnect_min_seconds: Seconds = 0.1
+    reconnect_max_seconds: Seconds = 0.5
+    session_expiry_seconds: Annotated[int, msgspec.Meta(ge=0)] = 86400
+    message_expiry_seconds: Annotated[int, msgspec.Meta(ge=60, le=3600)] = 300
+    # Empty: "<base_topic>/availability".
+    availability_topic: str = ""
+    birth_payload: str = "online"
+    will_payload: str = "offline"
+    tls: TlsConfig = TlsConfig()
+
+
+class MetricsConfig(_Table):
+    bind: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9388
+
+
+class HomeAssistantConfig(_Table):
+    discovery_prefix: str = "homeassistant"
+    status_topic: str = "homeassistant/status"
+
+
+class ConfigFile(_Table):
+    supervisor: SupervisorConfig = SupervisorConfig()
+    mqtt: MqttConfig = MqttConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    workers: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+class WorkerSupervision(_Table):
+    """The keys of a `[workers.<name>]` section that belong to the supervisor, not to the worker."""
+
+    enabled: bool = True
+    # The worker to run under this section's name (default: the section name), to run one worker twice.
+    worker: str | None = None
+    restart: Literal["permanent", "transient", "temporary"] = "permanent"
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
+    restart_window_seconds: Seconds = 60.0
+    # Empty: [supervisor] shutdown_timeout_seconds.
+    shutdown_timeout_seconds: Seconds | None = None
+    significant: bool = False
+    backoff_min_seconds: Seconds = 0.5
+    backoff_max_seconds: Seconds = 30.0
+    stable_after_seconds: Seconds = 30.0
+    heartbeat_timeout_seconds: Seconds = 30.0
+    message_deadline_seconds: Seconds = 60.0
+    # Messages handed to the worker process and not yet handled, and messages held for it in the supervisor.
+    max_inflight: Annotated[int, msgspec.Meta(ge=1)] = 100
+    max_queued: Annotated[int, msgspec.Meta(ge=1)] = 10000
+
+
+SUPERVISION_KEYS = frozenset(WorkerSupervision.__struct_fields__)
+
+
+class Secret:
+    """A value that never shows in logs or reprs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    name: str
+    worker_class: type[Worker]  # type: ignore[type-arg]
+    supervision: WorkerSupervision
+    config: msgspec.Struct
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the supervisor needs to run, resolved: defaults filled, overrides applied, secrets read."""
+
+    path: Path
+    supervisor: SupervisorConfig
+    mqtt: MqttConfig
+    password: Secret | None
+    metrics: MetricsConfig
+    homeassistant: HomeAssistantConfig
+    state_dir: Path
+    workers: tuple[WorkerSettings, ...]
+    available_workers: tuple[str, ...]
+
+
+def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
+    """Read, validate and resolve the config file at `path`; raises ConfigError."""
+    path = Path(path)
+    environ = dict(os.environ) if environ is None else environ
+    source = str(path)
+    raw = _read_toml(path)
+    file = _convert(raw, ConfigFile, source, "")
+    mqtt = _resolve_mqtt(file.mqtt, file.supervisor.base_topic, environ, source)
+    available = discover(file.supervisor.worker_packages)
+    workers = tuple(_worker_settings(name, section, available, source) for name, section in file.workers.items())
+    state_dir = file.supervisor.state_dir or environ.get("STATE_DIRECTORY", "").split(":")[0] or "state"
+    return Settings(
+        path=path,
+        supervisor=file.supervisor,
+        mqtt=mqtt,
+        password=_password(file.mqtt, environ, source),
+        metrics=file.metrics,
+        homeassistant=file.homeassistant,
+        state_dir=Path(state_dir).absolute(),
+        workers=tuple(w for w in workers if w.supervision.enabled),
+        available_workers=tuple(available),
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "no such file; pass an existing file with --config") from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), "", "expected a TOML file, got a directory") from None
+    except PermissionError:
+        raise ConfigError(str(path), "", "permission denied reading the file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "", f"invalid TOML: {exc}") from None
+
+
+def _resolve_mqtt(mqtt: MqttConfig, base_topic: str, environ: dict[str, str], source: str) -> MqttConfig:
+    changes: dict[str, Any] = {}
+    if not mqtt.client_id:
+        changes["client_id"] = f"supervisor-{socket.gethostname()}"
+    if not mqtt.availability_topic:
+        changes["availability_topic"] = f"{base_topic}/availability"
+    if host := environ.get("MQTT_BROKER_HOST"):
+        changes["host"] = host
+    if port := environ.get("MQTT_BROKER_PORT"):
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError("environment", "MQTT_BROKER_PORT", f"expected a port 1..65535, got {port!r}")
+        changes["port"] = int(port)
+    if username := environ.get("MQTT_USERNAME"):
+        changes["username"] = username
+    if mqtt.reconnect_max_seconds < mqtt.reconnect_min_seconds:
+        raise ConfigError(
+            source,
+            "[mqtt] reconnect_max_seconds",
+            f"expected >= reconnect_min_seconds ({mqtt.reconnect_min_seconds:g}), got {mqtt.reconnect_max_seconds:g}",
+        )
+    return msgspec.structs.replace(mqtt, **changes)
+
+
+def _password(mqtt: MqttConfig, environ: dict[str, str], source: str) -> Secret | None:
+    if "MQTT_PASSWORD" in environ:
+        return Secret(environ["MQTT_PASSWORD"])
+    if mqtt.password_env and mqtt.password_file:
+        raise ConfigError(source, "[mqtt] password_file", "set password_env or password_file, not both")
+    if mqtt.password_env:
+        if mqtt.password_env not in environ:
+            raise ConfigError(
+                source, "[mqtt] password_env", f"the environment variable {mqtt.password_env} is not set"
+            )
+        return Secret(environ[mqtt.password_env])
+    if mqtt.password_file:
+        try:
+            return Secret(Path(mqtt.password_file).read_text().rstrip("\r\n"))
+        except OSError as exc:
+            raise ConfigError(
+                source, "[mqtt] password_file", f"cannot read {mqtt.password_file}: {exc.strerror}"
+            ) from None
+    return None
+
+
+def _worker_settings(
+    name: str,
+    section: dict[str, Any],
+    available: dict[str, type[Worker]],  # type: ignore[type-arg]
+    source: str,
+) -> WorkerSettings:
+    table = f"workers.{name}"
+    supervision_keys = {k: v for k, v in section.items() if k in SUPERVISION_KEYS}
+    own_keys = {k: v for k, v in section.items() if k not in SUPERVISION_KEYS}
+    supervision = _convert(supervision_keys, WorkerSupervision, source, table)
+    kind = supervision.worker or name
+    if kind not in available:
+        found = ", ".join(available) or "none"
+        key = f"[{table}] worker" if supervision.worker else f"[{table}]"
+        raise ConfigError(source, key, f"no worker named {kind!r}; workers found: {found}")
+    worker_class = available[kind]
+    config = _convert(own_keys, worker_class.Config, source, table, also_known=SUPERVISION_KEYS)
+    return WorkerSettings(name=name, worker_class=worker_class, supervision=supervision, config=config)
+
+
+# Translating msgspec's validation errors into our one-line messages -------------------------------------------------
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]*)`$")
+
+
+def _convert(
+    raw: dict[str, Any], type_: type[T], source: str, table: str, also_known: frozenset[str] = frozenset()
+) -> T:
+    try:
+        return msgspec.convert(raw, type=type_)
+    except msgspec.ValidationError as exc:
+        raise _config_error(str(exc), raw, type_, source, table, also_known) from None
+
+
+def _config_error(
+    message: str, raw: Any, type_: type, source: str, table: str, also_known: frozenset[str]
+) -> ConfigError:
+    match = _AT.match(message)
+    assert match is not None  # the pattern matches any string
+    what, path = match["what"], _split_path(match["path"] or "")
+    if unknown := _UNKNOWN.match(what):
+        struct = _type_at(type_, path)
+        fields = {f.name for f in struct.fields} if isinstance(struct, msgspec.inspect.StructType) else set()
+        known = sorted(fields | (also_known if not path else set()))
+        hint = f"; expected one of: {', '.join(known)}" if known else ""
+        return ConfigError(source, _key(table, [*path, unknown["field"]]), f"unknown key{hint}")
+    if missing := _MISSING.match(what):
+        return ConfigError(source, _key(table, [*path, missing["field"]]), "missing required key")
+    problem = what[0].lower() + what[1:].replace("`", "")
+    literal = _type_at(type_, path)
+    if isinstance(literal, msgspec.inspect.LiteralType):
+        problem = "expected one of " + ", ".join(json.dumps(v) for v in literal.values)
+    found = _lookup(raw, path)
+    if found is not _ABSENT:  # show the value itself rather than only its type
+        problem = problem.split(", got ")[0] + f", got {json.dumps(found, default=str)}"
+    return ConfigError(source, _key(table, path), problem)
+
+
+def _split_path(path: str) -> list[str]:
+    """`.mqtt.tls.enabled` or `.sources[0].url` -> ['mqtt', 'tls', 'enabled'] / ['sources', '[0]', 'url']."""
+    return [part for part in re.split(r"\.|(?=\[)", path) if part]
+
+
+def _key(table: str, path: list[str]) -> str:
+    parts = ([table] if table else []) + path
+    *tables, key = parts if parts else [""]
+    dotted_table = ".".join(tables).replace(".[", "[")
+    return f"[{dotted_table}] {key}" if dotted_table else key
+
+
+_ABSENT = object()
+
+
+def _lookup(raw: Any, path: list[str]) -> Any:
+    for part in path:
+        if part.startswith("["):
+            index = int(part[1:-1])
+            raw = raw[index] if isinstance(raw, list) and index < len(raw) else _ABSENT
+        else:
+            raw = raw.get(part, _ABSENT) if isinstance(raw, dict) else _ABSENT
+        if raw is _ABSENT:
+            break
+    return raw
+
+
+def _type_at(type_: type, path: list[str]) -> Any:
+    """The msgspec.inspect type found at `path` inside `type_`, or None."""
+    info: Any = msgspec.inspect.type_info(type_)
+    for part in path:
+        info = _without_none(info)
+        if part.startswith("["):
+            info = info.item_type if isinstance(info, msgspec.inspect.ListType) else None
+        elif isinstance(info, msgspec.inspect.StructType):
+            info = {f.name: f.type for f in info.fields}.get(part)
+        else:
+            return None
+    return _without_none(info)
+
+
+def _without_none(info: Any) -> Any:
+    if isinstance(info, msgspec.inspect.UnionType):
+        others = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
+        if len(others) == 1:
+            return others[0]
+    return info

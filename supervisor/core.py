@@ -1,0 +1,422 @@
+"""The Supervisor: one selector loop that owns the MQTT link and every worker process.
+
+Messages from the broker are routed to the subscribed workers; what a worker publishes goes to the other local
+subscribers and (unless local-only) to the broker. Every wake-up drains everything readable, then writes once per
+worker. Workers that exit are restarted by their policy (see `supervision`), workers that stop heartbeating or
+overrun a message's deadline are killed and restarted, and SIGTERM/SIGINT stop everything cleanly.
+
+Failure policy: a worker's death never stops the supervisor, except a `significant` worker exceeding its restart
+intensity, which shuts the supervisor down with exit code 1 so the service manager restarts it whole.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import signal
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import msgspec
+
+from contracts import (
+    ErrorReported,
+    Handled,
+    Heartbeat,
+    Inbound,
+    Message,
+    Outbound,
+    Publish,
+    Started,
+    Stop,
+    Subscription,
+)
+from supervisor.channel import ChannelClosed
+from supervisor.config import Settings, WorkerSettings
+from supervisor.errors import ConfigError
+from supervisor.loop import Loop, TimerHandle
+from supervisor.mqtt import Incoming, MqttLink
+from supervisor.processes import ExitStatus, WorkerProcess, start_method_context
+from supervisor.router import InvalidTopicFilter, Router
+from supervisor.runtime import EXIT_START_FAILED
+from supervisor.supervision import RestartTracker, Verdict
+
+log = logging.getLogger("supervisor")
+
+_LIVENESS_CHECK_SECONDS = 0.25
+_KILL_GRACE_SECONDS = 2.0
+
+
+class WorkerState(Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """The supervisor's view of one configured worker, across its process incarnations."""
+
+    settings: WorkerSettings
+    tracker: RestartTracker
+    state: WorkerState = WorkerState.STOPPED
+    process: WorkerProcess | None = None
+    inflight: dict[int, Message] = field(default_factory=dict)  # handed to the process, in order
+    queued: deque[Message] = field(default_factory=deque)  # waiting for room in the process
+    outgoing: list[Inbound] = field(default_factory=list)  # to write at the end of this wake-up
+    errors: Counter[str] = field(default_factory=Counter)
+    restarts: Counter[str] = field(default_factory=Counter)
+    dropped: int = 0
+    handled: int = 0
+    last_exit: str | None = None
+    last_seen: float = 0.0  # when the process last sent anything
+    progress_at: float = 0.0  # when the oldest in-flight message became the one to wait for
+    kill_reason: str | None = None
+    timer: TimerHandle | None = None
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+
+def worker_subscriptions(settings: WorkerSettings) -> list[Subscription]:
+    """The subscriptions of the worker described by `settings`, validated; raises ConfigError."""
+    worker = settings.worker_class()
+    worker.config = settings.config
+    subscriptions = worker.subscriptions()
+    for subscription in subscriptions:
+        try:
+            Router().add(settings.name, [subscription.topic_filter])
+        except InvalidTopicFilter as exc:
+            raise ConfigError(f"worker {settings.name}", "subscriptions()", str(exc)) from None
+        if subscription.qos not in (0, 1, 2):
+            raise ConfigError(
+                f"worker {settings.name}", "subscriptions()", f"expected qos 0, 1 or 2, got {subscription.qos}"
+            )
+    return subscriptions
+
+
+class Supervisor:
+    """Runs the configured workers behind one MQTT connection until SIGTERM or SIGINT."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.loop = Loop(clock)
+        self.router = Router()
+        self.link = MqttLink(settings.mqtt, settings.password, self.loop, self)
+        self.slots = {w.name: WorkerSlot(w, RestartTracker(w.supervision)) for w in settings.workers}
+        broker_filters: dict[str, int] = {}
+        for slot in self.slots.values():
+            subscriptions = worker_subscriptions(slot.settings)
+            self.router.add(slot.name, [s.topic_filter for s in subscriptions])
+            for s in subscriptions:
+                broker_filters[s.topic_filter] = max(s.qos, broker_filters.get(s.topic_filter, 0))
+        self.link.subscribe(broker_filters)
+        self.started_at = time.time()
+        self.exit_code = 0
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._deliver_own_publications = settings.mqtt.protocol == 5  # 3.1.1 has no No Local: the broker echoes
+        self._context: object = None
+
+    # Running ------------------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start everything, run until stopped, and return the process exit code."""
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        wakeup = self._install_signal_handlers()
+        modules = sorted({"supervisor.runtime"} | {s.settings.worker_class.__module__ for s in self.slots.values()})
+        self._context = start_method_context(self.settings.supervisor.start_method, modules)
+        for slot in self.slots.values():
+            self._start(slot)
+        self.link.start()
+        self.loop.after_wakeup(self._write_to_workers)
+        self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
+        log.info("supervisor started with workers: %s", ", ".join(self.slots) or "none")
+        while not (self._stopping and all(s.process is None for s in self.slots.values())):
+            self.loop.run_once()
+        self.link.stop()
+        signal.set_wakeup_fd(-1)
+        for sock in wakeup:
+            sock.close()
+        log.info("supervisor stopped (exit code %d)", self.exit_code)
+        return self.exit_code
+
+    def _install_signal_handlers(self) -> tuple[socket.socket, socket.socket]:
+        receive, send = socket.socketpair()
+        send.setblocking(False)
+        receive.setblocking(False)
+        signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)  # the wake-up fd carries the signal number to the loop
+
+        def signalled() -> None:
+            for signum in receive.recv(64):
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    log.info("received %s", signal.Signals(signum).name)
+                    self.shutdown()
+
+        self.loop.add_reader(receive, signalled)
+        return receive, send
+
+    def shutdown(self, exit_code: int = 0) -> None:
+        """Stop routing, ask every worker to stop, and escalate to SIGTERM and SIGKILL at its deadline.
+
+        Called a second time (a second Ctrl-C), it kills the workers at once.
+        """
+        self.exit_code = max(self.exit_code, exit_code)
+        if self._stopping:
+            for slot in self.slots.values():
+                if slot.process is not None:
+                    slot.process.kill()
+            return
+        self._stopping = True
+        for slot in self.slots.values():
+            self._cancel_timer(slot)
+            slot.queued.clear()
+            if slot.process is None:
+                slot.state = WorkerState.STOPPED
+                continue
+            slot.state = WorkerState.STOPPING
+            slot.outgoing.append(Stop())
+            timeout = slot.settings.supervision.shutdown_timeout_seconds
+            timeout = timeout if timeout is not None else self.settings.supervisor.shutdown_timeout_seconds
+            slot.timer = self.loop.call_later(timeout, lambda s=slot: self._terminate(s))
+
+    def _terminate(self, slot: WorkerSlot) -> None:
+        if slot.process is not None:
+            log.warning("worker %s did not stop in time; terminating pid %d", slot.name, slot.process.pid)
+            slot.process.terminate()
+            process = slot.process
+            slot.timer = self.loop.call_later(_KILL_GRACE_SECONDS, lambda: process.kill())
+
+    # Worker processes ---------------------------------------------------------------------------------------------
+
+    def _start(self, slot: WorkerSlot) -> None:
+        slot.timer = None
+        slot.kill_reason = None
+        state_dir = self.settings.state_dir / "workers" / slot.name
+        level = logging.getLevelName(log.getEffectiveLevel())
+        process = WorkerProcess(self._context, slot.settings, str(state_dir), level)
+        slot.process = process
+        slot.state = WorkerState.STARTING
+        slot.last_seen = self.loop.clock()
+        self.loop.add_reader(process.channel, lambda: self._read_worker(slot, process))
+        self.loop.add_reader(process.sentinel, lambda: self._process_ended(slot, process))
+        log.info("worker %s starting (pid %d)", slot.name, process.pid)
+
+    def _read_worker(self, slot: WorkerSlot, process: WorkerProcess) -> None:
+        envelopes = process.channel.receive()
+        now = self.loop.clock()
+        slot.last_seen = now
+        for envelope in envelopes:
+            self._on_envelope(slot, envelope, now)
+        if process.channel.closed:
+            self.loop.remove_reader(process.channel)  # the exit status comes through the sentinel
+        self._refill(slot, now)
+
+    def _on_envelope(self, slot: WorkerSlot, envelope: Outbound, now: float) -> None:
+        match envelope:
+            case Handled(id=message_id):
+                slot.inflight.pop(message_id, None)
+                slot.handled += 1
+                slot.progress_at = now
+            case Publish():
+                self._publish_from(slot, envelope)
+            case ErrorReported(kind=kind):
+                slot.errors[kind] += 1
+            case Started(pid=pid):
+                if slot.state is WorkerState.STARTING:
+                    slot.state = WorkerState.RUNNING
+                slot.tracker.started(now)
+                log.info("worker %s running (pid %d)", slot.name, pid)
+            case Heartbeat():
+                pass
+
+    def _process_ended(self, slot: WorkerSlot, process: WorkerProcess) -> None:
+        status = process.exit_status()
+        if status is None:
+            return
+        if not process.channel.closed:  # read what it sent before it died
+            for envelope in process.channel.receive():
+                self._on_envelope(slot, envelope, self.loop.clock())
+        self.loop.remove_reader(process.sentinel)
+        self.loop.remove_reader(process.channel)
+        self.loop.remove_writer(process.channel)
+        process.close()
+        slot.process = None
+        slot.outgoing.clear()
+        self._cancel_timer(slot)
+        self._requeue_inflight(slot)
+        reason = self._exit_reason(slot, status)
+        slot.last_exit = f"{status.describe()} ({reason})"
+        if self._stopping:
+            slot.state = WorkerState.STOPPED
+            log.info("worker %s stopped: %s", slot.name, status.describe())
+            return
+        self._after_exit(slot, status, reason)
+
+    def _exit_reason(self, slot: WorkerSlot, status: ExitStatus) -> str:
+        if slot.kill_reason is not None:
+            return slot.kill_reason
+        if status.signal is not None:
+            return "killed"
+        if status.code == EXIT_START_FAILED:
+            return "start_failed"
+        return "exit" if status.abnormal else "normal"
+
+    def _after_exit(self, slot: WorkerSlot, status: ExitStatus, reason: str) -> None:
+        now = self.loop.clock()
+        decision = slot.tracker.exited(now, abnormal=status.abnormal or slot.kill_reason is not None)
+        match decision.verdict:
+            case Verdict.RESTART:
+                slot.restarts[reason] += 1
+                slot.state = WorkerState.BACKOFF
+                log.warning("worker %s ended: %s; restarting in %.2f s", slot.name, slot.last_exit, decision.delay)
+                slot.timer = self.loop.call_later(decision.delay, lambda: self._start(slot))
+            case Verdict.STAY_STOPPED:
+                slot.state = WorkerState.STOPPED
+                log.info("worker %s ended: %s; not restarted (%s)", slot.name, slot.last_exit,
+                         slot.settings.supervision.restart)
+            case Verdict.FAILED | Verdict.ESCALATE:
+                slot.state = WorkerState.FAILED
+                slot.dropped += len(slot.queued)
+                slot.queued.clear()
+                policy = slot.settings.supervision
+                log.error("worker %s failed: more than %d restarts in %g s (last: %s)", slot.name,
+                          policy.max_restarts, policy.restart_window_seconds, slot.last_exit)
+                if decision.verdict is Verdict.ESCALATE:
+                    log.critical("worker %s is significant: stopping the supervisor", slot.name)
+                    self.shutdown(exit_code=1)
+
+    def _requeue_inflight(self, slot: WorkerSlot) -> None:
+        """Give the messages a dead process had not finished to its next incarnation, first, marked redelivered."""
+        again = [msgspec.structs.replace(m, attempt=m.attempt + 1) for m in slot.inflight.values()]
+        slot.inflight.clear()
+        slot.queued.extendleft(reversed(again))
+
+    def _kill(self, slot: WorkerSlot, reason: str, detail: str) -> None:
+        if slot.process is None or slot.kill_reason is not None:
+            return
+        log.error("worker %s (pid %d) %s; killing it", slot.name, slot.process.pid, detail)
+        slot.kill_reason = reason
+        slot.errors[reason] += 1
+        slot.process.kill()
+
+    def _check_liveness(self) -> None:
+        now = self.loop.clock()
+        for slot in self.slots.values():
+            policy = slot.settings.supervision
+            if slot.process is None or slot.state is WorkerState.STOPPING:
+                continue
+            if slot.inflight and now - slot.progress_at > policy.message_deadline_seconds:
+                self._kill(slot, "deadline", f"spent more than {policy.message_deadline_seconds:g} s on a message")
+            elif not slot.inflight and now - slot.last_seen > policy.heartbeat_timeout_seconds:
+                self._kill(slot, "heartbeat", f"sent no heartbeat for {policy.heartbeat_timeout_seconds:g} s")
+        self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
+
+    def _cancel_timer(self, slot: WorkerSlot) -> None:
+        if slot.timer is not None:
+            slot.timer.cancel()
+            slot.timer = None
+
+    # Routing ------------------------------------------------------------------------------------------------------
+
+    def _offer(self, slot: WorkerSlot, message: Message) -> None:
+        if slot.state in (WorkerState.FAILED, WorkerState.STOPPED, WorkerState.STOPPING):
+            slot.dropped += 1
+            return
+        if len(slot.queued) >= slot.settings.supervision.max_queued:
+            slot.dropped += 1
+            log.warning("worker %s: queue full (%d); dropped a message on %s", slot.name, len(slot.queued),
+                        message.topic)
+            return
+        slot.queued.append(message)
+        self._refill(slot, self.loop.clock())
+
+    def _refill(self, slot: WorkerSlot, now: float) -> None:
+        """Move queued messages into the process while it has room."""
+        if slot.state is not WorkerState.RUNNING:
+            return
+        room = slot.settings.supervision.max_inflight - len(slot.inflight)
+        if room <= 0 or not slot.queued:
+            return
+        if not slot.inflight:
+            slot.progress_at = now
+        for _ in range(min(room, len(slot.queued))):
+            message = slot.queued.popleft()
+            slot.inflight[message.id] = message
+            slot.outgoing.append(message)
+
+    def _write_to_workers(self) -> None:
+        for slot in self.slots.values():
+            if not slot.outgoing or slot.process is None:
+                continue
+            process = slot.process
+            try:
+                process.channel.send(slot.outgoing)
+            except ChannelClosed:
+                pass  # the process is dying; the sentinel tells us when it is gone
+            slot.outgoing.clear()
+            if process.channel.pending_bytes:
+                self.loop.add_writer(process.channel, lambda p=process: self._write_more(p))
+
+    def _write_more(self, process: WorkerProcess) -> None:
+        try:
+            done = process.channel.flush()
+        except ChannelClosed:
+            done = True
+        if done:
+            self.loop.remove_writer(process.channel)
+
+    def _publish_from(self, slot: WorkerSlot, publication: Publish) -> None:
+        if publication.local_only or self._deliver_own_publications:
+            receivers = [name for name in self.router.route(publication.topic) if name != slot.name]
+            if receivers:
+                message = Message(
+                    id=next(self._ids), topic=publication.topic, payload=publication.payload, qos=publication.qos
+                )
+                for name in receivers:
+                    self._offer(self.slots[name], message)
+        if not publication.local_only:
+            expiry = publication.expiry
+            if expiry is None and not publication.retain:
+                expiry = self.settings.mqtt.message_expiry_seconds
+            self.link.publish(publication.topic, publication.payload, publication.qos, publication.retain, expiry)
+
+    # LinkListener -------------------------------------------------------------------------------------------------
+
+    def link_connected(self, session_present: bool) -> None:
+        pass
+
+    def link_disconnected(self, reason: str) -> None:
+        pass
+
+    def message_received(self, message: Incoming) -> None:
+        if self._stopping:
+            return
+        receivers = self.router.route(message.topic)
+        if not receivers:
+            return
+        routed = Message(
+            id=next(self._ids),
+            topic=message.topic,
+            payload=message.payload,
+            qos=message.qos,
+            retain=message.retain,
+            response_topic=message.response_topic,
+            correlation_data=message.correlation_data,
+        )
+        for name in receivers:
+            self._offer(self.slots[name], routed)
+
+    def bad_message(self, reason: str) -> None:
+        log.warning("dropped a message from the broker: %s", reason)
+

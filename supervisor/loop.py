@@ -1,0 +1,114 @@
+"""The supervisor's one event loop: a selector over sockets and pipes, plus timers, on a single thread.
+
+Each wake-up runs every ready callback, then every due timer, then the `after_wakeup` hooks (where the supervisor
+writes what the callbacks queued, once per wake-up rather than once per message).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import selectors
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+Callback = Callable[[], None]
+
+
+class FileLike(Protocol):
+    def fileno(self) -> int: ...
+
+
+class TimerHandle:
+    """A scheduled call; `cancel` keeps it from running."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callback) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Loop:
+    """Selector loop with timers. `clock` is monotonic seconds and may be replaced in tests."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._selector = selectors.DefaultSelector()
+        self._timers: list[tuple[float, int, TimerHandle]] = []
+        self._sequence = itertools.count()
+        self._after_wakeup: list[Callback] = []
+        self._callbacks: dict[int, list[Callback | None]] = {}  # fd -> [on_readable, on_writable]
+
+    def add_reader(self, file: FileLike | int, callback: Callback) -> None:
+        self._set(file, 0, callback)
+
+    def remove_reader(self, file: FileLike | int) -> None:
+        self._set(file, 0, None)
+
+    def add_writer(self, file: FileLike | int, callback: Callback) -> None:
+        self._set(file, 1, callback)
+
+    def remove_writer(self, file: FileLike | int) -> None:
+        self._set(file, 1, None)
+
+    def call_later(self, delay: float, callback: Callback) -> TimerHandle:
+        return self.call_at(self.clock() + max(delay, 0.0), callback)
+
+    def call_at(self, when: float, callback: Callback) -> TimerHandle:
+        handle = TimerHandle(when, callback)
+        heapq.heappush(self._timers, (when, next(self._sequence), handle))
+        return handle
+
+    def after_wakeup(self, callback: Callback) -> None:
+        """Run `callback` at the end of every wake-up."""
+        self._after_wakeup.append(callback)
+
+    def run_once(self, max_wait: float = 1.0) -> None:
+        """Wait for I/O or the next timer (at most `max_wait` seconds), then run what is ready."""
+        timeout = max_wait
+        if self._timers:
+            timeout = min(timeout, max(self._timers[0][0] - self.clock(), 0.0))
+        for key, events in self._selector.select(timeout):
+            callbacks = self._callbacks.get(key.fd)
+            if callbacks is None:
+                continue  # unregistered by an earlier callback of this wake-up
+            on_readable, on_writable = callbacks
+            if events & selectors.EVENT_READ and on_readable is not None:
+                on_readable()
+            if events & selectors.EVENT_WRITE and on_writable is not None and key.fd in self._callbacks:
+                on_writable()
+        self._run_due_timers()
+        for callback in self._after_wakeup:
+            callback()
+
+    def _run_due_timers(self) -> None:
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, handle = heapq.heappop(self._timers)
+            if not handle.cancelled:
+                handle.callback()
+
+    def _set(self, file: FileLike | int, slot: int, callback: Callback | None) -> None:
+        fd = file if isinstance(file, int) else file.fileno()
+        callbacks = self._callbacks.get(fd, [None, None])
+        callbacks[slot] = callback
+        events = (selectors.EVENT_READ if callbacks[0] else 0) | (selectors.EVENT_WRITE if callbacks[1] else 0)
+        registered = fd in self._callbacks
+        if not events:
+            if registered:
+                self._selector.unregister(fd)
+                del self._callbacks[fd]
+        elif registered:
+            self._selector.modify(fd, events)
+        else:
+            self._selector.register(fd, events)
+            self._callbacks[fd] = callbacks
+
+    def close(self) -> None:
+        self._selector.close()

@@ -1,0 +1,326 @@
+"""The MQTT link: the supervisor's one connection to the broker, and the only module that imports paho.
+
+paho is driven from the supervisor's selector loop (`loop_read` / `loop_write` / `loop_misc`, no paho thread), so
+every paho callback runs on the loop's thread. The callbacks only translate paho's objects into our own types and
+hand them to the `LinkListener`. Reconnecting is ours too: exponential backoff between the configured minimum and
+maximum, and on every connect the link publishes the birth message and subscribes to every filter again.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import ssl
+from typing import Any, Protocol
+
+import msgspec
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from supervisor.config import MqttConfig, Secret
+from supervisor.loop import Loop, TimerHandle
+
+log = logging.getLogger(__name__)
+
+_MISC_INTERVAL = 1.0
+_MAX_READS_PER_WAKEUP = 10_000
+_REPEAT_LOG_SECONDS = 60.0
+_MAX_QUEUED_PUBLICATIONS = 10_000
+
+
+class Incoming(msgspec.Struct, frozen=True, kw_only=True):
+    """A message from the broker, in our terms. `mid` is the broker's packet id (0 for QoS 0)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+class LinkListener(Protocol):
+    def link_connected(self, session_present: bool) -> None: ...
+
+    def link_disconnected(self, reason: str) -> None: ...
+
+    def message_received(self, message: Incoming) -> None: ...
+
+    def bad_message(self, reason: str) -> None: ...
+
+
+class MqttLink:
+    """One paho client, its socket in the loop, reconnects with backoff, will and birth."""
+
+    def __init__(self, config: MqttConfig, password: Secret | None, loop: Loop, listener: LinkListener) -> None:
+        self.config = config
+        self.loop = loop
+        self.listener = listener
+        self.connected = False
+        self.reconnects = 0
+        self.publish_errors = 0
+        self._subscriptions: dict[str, int] = {}
+        self._stopping = False
+        self._delay = config.reconnect_min_seconds
+        self._retry: TimerHandle | None = None
+        self._connect_deadline: TimerHandle | None = None
+        self._ever_connected = False
+        self._last_problem: tuple[str, float] | None = None
+        self._expiry_properties: dict[int, Properties] = {}
+        self._v5 = config.protocol == 5
+        self._client = self._build_client(password)
+
+    # Public API ---------------------------------------------------------------------------------------------------
+
+    def subscribe(self, filters: dict[str, int]) -> None:
+        """Set the topic filters (with QoS) to subscribe to on every connect; applied now if connected."""
+        self._subscriptions = dict(filters)
+        if self.connected:
+            self._send_subscriptions()
+
+    def start(self) -> None:
+        """Connect now, and keep reconnecting until `stop`."""
+        self.loop.call_later(_MISC_INTERVAL, self._misc)
+        self._connect()
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, expiry: int | None = None
+    ) -> bool:
+        """Queue a publication; False when paho refused it (counted in `publish_errors`).
+
+        QoS 0 while disconnected is dropped; QoS 1 and 2 wait in paho's queue for the next connection.
+        """
+        if qos == 0 and not self.connected:
+            self.publish_errors += 1
+            return False
+        properties = self._expiry(expiry) if self._v5 and expiry else None
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            self.publish_errors += 1
+            log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
+            return False
+        return True
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Publish the will payload ourselves (a clean disconnect suppresses the will), then disconnect."""
+        self._stopping = True
+        for timer in (self._retry, self._connect_deadline):
+            if timer is not None:
+                timer.cancel()
+        if not self.connected:
+            self._client.disconnect()
+            return
+        info = self._client.publish(
+            self.config.availability_topic, self.config.will_payload.encode(), qos=1, retain=True
+        )
+        deadline = self.loop.clock() + timeout
+        while self.connected and not info.is_published() and self.loop.clock() < deadline:
+            self.loop.run_once(max_wait=0.05)
+        self._client.disconnect()
+        while self._client.want_write() and self.loop.clock() < deadline:
+            self.loop.run_once(max_wait=0.05)
+
+    # Connecting ---------------------------------------------------------------------------------------------------
+
+    def _build_client(self, password: Secret | None) -> paho.Client:
+        config = self.config
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
+            clean_session=None if self._v5 else False,
+            reconnect_on_failure=False,
+        )
+        client.max_queued_messages_set(_MAX_QUEUED_PUBLICATIONS)
+        client.connect_timeout = config.connect_timeout_seconds
+        if config.username:
+            client.username_pw_set(config.username, password.reveal() if password else None)
+        if config.tls.enabled:
+            client.tls_set(
+                ca_certs=config.tls.ca_file, certfile=config.tls.cert_file, keyfile=config.tls.key_file
+            )
+            client.tls_insecure_set(config.tls.insecure)
+        client.will_set(config.availability_topic, config.will_payload.encode(), qos=1, retain=True)
+        properties = None
+        if self._v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = config.session_expiry_seconds
+        # clean_start=False: keep the broker's session (and its queued QoS 1 messages) across restarts.
+        client.connect_async(
+            config.host,
+            config.port,
+            keepalive=config.keepalive_seconds,
+            clean_start=False if self._v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _connect(self) -> None:
+        self._retry = None
+        if self._stopping:
+            return
+        try:
+            self._client.reconnect()
+        except (OSError, ssl.SSLError) as exc:
+            self._problem(f"cannot reach the broker at {self.config.host}:{self.config.port}: {exc}")
+            self._schedule_reconnect()
+            return
+        self._connect_deadline = self.loop.call_later(
+            self.config.connect_timeout_seconds + self.config.keepalive_seconds, self._connect_timed_out
+        )
+
+    def _connect_timed_out(self) -> None:
+        self._connect_deadline = None
+        if not self.connected:
+            self._problem(f"the broker at {self.config.host}:{self.config.port} did not answer CONNECT")
+            self._schedule_reconnect()  # reconnect() closes the silent socket first
+
+    def _schedule_reconnect(self) -> None:
+        if self._stopping or self._retry is not None:
+            return
+        delay = self._delay
+        self._delay = min(self._delay * 2, self.config.reconnect_max_seconds)
+        self._retry = self.loop.call_later(delay, self._connect)
+
+    def _problem(self, text: str) -> None:
+        """Log a connection problem: at once when it is new, then at most once a minute while it lasts."""
+        now = self.loop.clock()
+        if self._last_problem is None or self._last_problem[0] != text:
+            log.warning("%s; retrying every %g-%g s", text, self.config.reconnect_min_seconds,
+                        self.config.reconnect_max_seconds)
+        elif now - self._last_problem[1] < _REPEAT_LOG_SECONDS:
+            log.debug("%s", text)
+            return
+        else:
+            log.warning("still: %s", text)
+        self._last_problem = (text, now)
+
+    def _send_subscriptions(self) -> None:
+        if not self._subscriptions:
+            return
+        if self._v5:
+            topics: list[Any] = [
+                (f, SubscribeOptions(qos=q, noLocal=not f.startswith("$share/")))
+                for f, q in self._subscriptions.items()
+            ]
+        else:
+            topics = list(self._subscriptions.items())
+        rc, _ = self._client.subscribe(topics)
+        if rc != paho.MQTT_ERR_SUCCESS:
+            log.warning("subscribe failed: %s", paho.error_string(rc))
+
+    def _expiry(self, seconds: int) -> Properties:
+        properties = self._expiry_properties.get(seconds)
+        if properties is None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.MessageExpiryInterval = seconds
+            self._expiry_properties[seconds] = properties
+        return properties
+
+    # Driving paho from the loop -----------------------------------------------------------------------------------
+
+    def _readable(self) -> None:
+        sock = self._client.socket()
+        for _ in range(_MAX_READS_PER_WAKEUP):
+            if self._client.loop_read() != paho.MQTT_ERR_SUCCESS or sock is not self._client.socket():
+                return
+            if not _has_more(sock):
+                return
+
+    def _writable(self) -> None:
+        self._client.loop_write()
+
+    def _misc(self) -> None:
+        self._client.loop_misc()
+        self.loop.call_later(_MISC_INTERVAL, self._misc)
+
+    def _forget_socket(self, sock: Any) -> None:
+        self.loop.remove_reader(sock)
+        self.loop.remove_writer(sock)
+
+    # paho callbacks: translate and hand over ---------------------------------------------------------------------
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paho leaves Nagle on: ms per round trip
+        self.loop.add_reader(sock, self._readable)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._forget_socket(sock)
+
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self.loop.add_writer(sock, self._writable)
+
+    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self.loop.remove_writer(sock)
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
+        if self._connect_deadline is not None:
+            self._connect_deadline.cancel()
+            self._connect_deadline = None
+        if reason.is_failure:
+            self._problem(f"the broker at {self.config.host}:{self.config.port} refused the connection: {reason}")
+            return  # the broker closes the connection; _on_disconnect schedules the retry
+        log.info("connected to %s:%d (session present: %s)", self.config.host, self.config.port,
+                 flags.session_present)
+        self.connected = True
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = True
+        self._delay = self.config.reconnect_min_seconds
+        self._last_problem = None
+        client.publish(self.config.availability_topic, self.config.birth_payload.encode(), qos=1, retain=True)
+        self._send_subscriptions()
+        self.listener.link_connected(flags.session_present)
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
+        was_connected, self.connected = self.connected, False
+        if was_connected:
+            if not self._stopping:
+                log.warning("disconnected from the broker: %s", reason)
+            self.listener.link_disconnected(str(reason))
+        self._schedule_reconnect()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            self.listener.bad_message("topic is not valid UTF-8")
+            return
+        properties = msg.properties
+        correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
+        self.listener.message_received(
+            Incoming(
+                topic=topic,
+                payload=msg.payload,
+                qos=msg.qos,
+                retain=msg.retain,
+                mid=msg.mid,
+                response_topic=getattr(properties, "ResponseTopic", None) if properties is not None else None,
+                correlation_data=bytes(correlation) if correlation is not None else None,
+            )
+        )
+
+
+
+def _has_more(sock: Any) -> bool:
+    """True when `sock` has more bytes to read right now (TLS may hold decrypted bytes the kernel cannot see)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)

@@ -1,0 +1,111 @@
+"""Worker processes: start one through the multiprocess start method, talk to it over its channel, end it.
+
+A `WorkerProcess` is one incarnation: the process, the supervisor's end of its socket pair, and its exit status.
+Restarting a worker means starting a new `WorkerProcess`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from contracts import Outbound, Stop
+from supervisor import runtime
+from supervisor.channel import Channel
+from supervisor.config import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+# Variables a worker must never see: only the supervisor talks to systemd.
+_PRIVATE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+def start_method_context(method: str, preload: list[str]) -> Any:
+    """The multiprocess context for `method`; a forkserver preloads `preload` (the runtime and worker modules).
+
+    systemd's variables are removed from this process's environment first, so no worker inherits them.
+    """
+    import multiprocess
+
+    for name in _PRIVATE_ENVIRONMENT:
+        os.environ.pop(name, None)
+    context = multiprocess.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(preload)
+    return context
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a worker process ended: `code` for exit(code), `signal` when killed by a signal."""
+
+    code: int | None
+    signal: int | None
+
+    @property
+    def abnormal(self) -> bool:
+        return self.code != 0
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"killed by {signal.Signals(self.signal).name}"
+        return f"exit code {self.code}"
+
+
+class WorkerProcess:
+    """One running incarnation of a worker."""
+
+    def __init__(self, context: Any, settings: WorkerSettings, state_dir: str, log_level: str) -> None:
+        cls = settings.worker_class
+        spec = runtime.WorkerSpec(
+            name=settings.name,
+            module=cls.__module__,
+            qualname=cls.__qualname__,
+            config=msgspec.msgpack.encode(settings.config),
+            state_dir=state_dir,
+            log_level=log_level,
+            heartbeat_seconds=min(1.0, settings.supervision.heartbeat_timeout_seconds / 4),
+        )
+        ours, theirs = socket.socketpair()
+        self.process = context.Process(target=runtime.run, args=(spec, theirs), name=f"worker-{settings.name}")
+        try:
+            self.process.start()
+        finally:
+            theirs.close()
+        self.channel: Channel[Outbound] = Channel(ours, Outbound)
+        self.pid: int = self.process.pid
+        self.sentinel: int = self.process.sentinel
+
+    def stop(self) -> None:
+        """Ask the worker to finish its current message, run `on_stop` and exit."""
+        self.channel.send([Stop()])
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def exit_status(self) -> ExitStatus | None:
+        """The exit status once the process has ended (reaping it), else None."""
+        self.process.join(0)
+        code = self.process.exitcode
+        if code is None:
+            return None
+        return ExitStatus(code=None, signal=-code) if code < 0 else ExitStatus(code=code, signal=None)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.process.close()
+
+    def _signal(self, signum: int) -> None:
+        try:
+            os.kill(self.pid, signum)
+        except ProcessLookupError:
+            pass  # already gone; its exit status arrives through the sentinel

@@ -1,0 +1,77 @@
+"""Worker discovery: finds every `Worker` subclass in the worker packages, with no list to edit."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import re
+from collections.abc import Sequence
+
+from contracts import Worker
+from supervisor.errors import ConfigError
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def discover(packages: Sequence[str]) -> dict[str, type[Worker]]:  # type: ignore[type-arg]
+    """Import every module of each package in `packages` and return its workers by name.
+
+    Modules whose name starts with `_` are skipped. A module that fails to import, a worker without a valid
+    `name`, docstring or strict `Config`, and two workers with one name are errors.
+    """
+    found: dict[str, type[Worker]] = {}  # type: ignore[type-arg]
+    for package_name in packages:
+        for cls in _workers_in_package(package_name):
+            other = found.get(cls.name)
+            if other is not None and other is not cls:
+                raise ConfigError(
+                    "workers",
+                    cls.name,
+                    f"two workers share this name: {_where(other)} and {_where(cls)}; rename one",
+                )
+            found[cls.name] = cls
+    return dict(sorted(found.items()))
+
+
+def _workers_in_package(package_name: str) -> list[type[Worker]]:  # type: ignore[type-arg]
+    try:
+        package = importlib.import_module(package_name)
+    except ImportError as exc:
+        raise ConfigError("supervisor.worker_packages", package_name, f"cannot import the package: {exc}") from exc
+    paths = getattr(package, "__path__", None)
+    if paths is None:
+        raise ConfigError("supervisor.worker_packages", package_name, "expected a package (a directory), got a module")
+    workers = []
+    for info in sorted(pkgutil.iter_modules(paths), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module_name = f"{package_name}.{info.name}"
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # any error in a dropped-in module is reported as that module's fault
+            raise ConfigError(module_name, "", f"cannot import worker module: {type(exc).__name__}: {exc}") from exc
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Worker) and cls is not Worker and cls.__module__ == module_name:
+                _check_worker_class(cls)
+                workers.append(cls)
+    return workers
+
+
+def _check_worker_class(cls: type[Worker]) -> None:  # type: ignore[type-arg]
+    name = getattr(cls, "name", None)
+    where = _where(cls)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(where, "name", f"expected a lower-case identifier like 'scraper', got {name!r}")
+    if not (cls.__doc__ or "").strip():
+        raise ConfigError(where, "", "a worker needs a docstring saying what it consumes, produces and touches")
+    config_cls = cls.Config
+    struct_config = getattr(config_cls, "__struct_config__", None)
+    if struct_config is None or not struct_config.forbid_unknown_fields:
+        raise ConfigError(
+            where, "Config", "expected a msgspec.Struct with forbid_unknown_fields=True, so typos in config fail"
+        )
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -1,0 +1,55 @@
+"""Echo: a test worker whose behaviour the payload chooses.
+
+Consumes: every topic in `topics`. Produces: `<out>/started` (its pid) on start, and for each message a JSON reply
+on `<out>/echo` unless the payload is a command: `crash` exits the process at once, `raise` raises in the handler,
+`hang` sleeps for an hour, `sleep:<seconds>` sleeps then replies, `forward:<topic>` publishes to `<topic>`.
+Touches nothing outside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import msgspec
+
+from contracts import Context, Message, Subscription, Worker
+
+
+class EchoConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    topics: list[str]
+    out: str
+    qos: int = 0
+    local_only: bool = False
+
+
+class Echo(Worker[EchoConfig]):
+    """Replies to every message on `<out>/echo`; see the module docstring for the commands it obeys."""
+
+    name = "echo"
+    Config = EchoConfig
+
+    def subscriptions(self) -> list[Subscription]:
+        return [Subscription(t, qos=self.config.qos) for t in self.config.topics]
+
+    def on_start(self, ctx: Context) -> None:
+        ctx.publish(f"{self.config.out}/started", str(os.getpid()), qos=1)
+
+    def on_message(self, ctx: Context, message: Message) -> None:
+        text = message.payload.decode(errors="replace")
+        if text == "crash":
+            os._exit(9)
+        if text == "raise":
+            raise RuntimeError("asked to raise")
+        if text == "hang":
+            time.sleep(3600)
+        if text.startswith("sleep:"):
+            time.sleep(float(text.removeprefix("sleep:")))
+        if text.startswith("forward:"):
+            ctx.publish(text.removeprefix("forward:"), f"from {ctx.name}", qos=self.config.qos,
+                        local_only=self.config.local_only)
+            return
+        reply = {"worker": ctx.name, "topic": message.topic, "payload": text, "attempt": message.attempt,
+                 "pid": os.getpid()}
+        ctx.publish(f"{self.config.out}/echo", json.dumps(reply), qos=self.config.qos)
