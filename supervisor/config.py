@@ -109,6 +109,8 @@ class WorkerSupervision(_Table):
     # Messages handed to the worker process and not yet handled, and messages held for it in the supervisor.
     max_inflight: Annotated[int, msgspec.Meta(ge=1)] = 100
     max_queued: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    # A message in the worker's handler during this many of its deaths goes to <base>/dead_letter instead.
+    dead_letter_after_crashes: Annotated[int, msgspec.Meta(ge=1)] = 3
 
 
 SUPERVISION_KEYS = frozenset(WorkerSupervision.__struct_fields__)

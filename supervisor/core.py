@@ -11,7 +11,9 @@ intensity, which shuts the supervisor down with exit code 1 so the service manag
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import logging
 import signal
 import socket
@@ -19,6 +21,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import Enum
 
 import msgspec
@@ -75,6 +78,7 @@ class WorkerSlot:
     restarts: Counter[str] = field(default_factory=Counter)
     dropped: int = 0
     handled: int = 0
+    dead_letters: int = 0
     last_exit: str | None = None
     last_seen: float = 0.0  # when the process last sent anything
     progress_at: float = 0.0  # when the oldest in-flight message became the one to wait for
@@ -254,9 +258,9 @@ class Supervisor:
         slot.process = None
         slot.outgoing.clear()
         self._cancel_timer(slot)
-        self._requeue_inflight(slot)
         reason = self._exit_reason(slot, status)
         slot.last_exit = f"{status.describe()} ({reason})"
+        self._requeue_inflight(slot)
         if self._stopping:
             slot.state = WorkerState.STOPPED
             log.info("worker %s stopped: %s", slot.name, status.describe())
@@ -297,10 +301,42 @@ class Supervisor:
                     self.shutdown(exit_code=1)
 
     def _requeue_inflight(self, slot: WorkerSlot) -> None:
-        """Give the messages a dead process had not finished to its next incarnation, first, marked redelivered."""
-        again = [msgspec.structs.replace(m, attempt=m.attempt + 1) for m in slot.inflight.values()]
+        """Give the messages a dead process had not finished to its next incarnation, ahead of the queue.
+
+        The worker handles messages in order, so only the oldest unfinished one was in its handler when it died:
+        that one is marked redelivered (its attempt grows), or dead-lettered once it has been in the handler
+        during `dead_letter_after_crashes` deaths. The others were never started and keep their attempt.
+        """
+        if not slot.inflight:
+            return
+        head, *rest = slot.inflight.values()
         slot.inflight.clear()
+        if head.attempt >= slot.settings.supervision.dead_letter_after_crashes:
+            self._dead_letter(slot, head)
+            again = rest
+        else:
+            again = [msgspec.structs.replace(head, attempt=head.attempt + 1), *rest]
         slot.queued.extendleft(reversed(again))
+
+    def _dead_letter(self, slot: WorkerSlot, message: Message) -> None:
+        slot.dead_letters += 1
+        log.error("worker %s died %d times handling message %d on %s; sent to the dead-letter topic",
+                  slot.name, message.attempt, message.id, message.topic)
+        try:
+            text, encoded = message.payload.decode(), None
+        except UnicodeDecodeError:
+            text, encoded = None, base64.b64encode(message.payload).decode()
+        record = {
+            "worker": slot.name,
+            "topic": message.topic,
+            "payload": text,
+            "payload_base64": encoded,
+            "attempts": message.attempt,
+            "last_exit": slot.last_exit,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        topic = f"{self.settings.supervisor.base_topic}/dead_letter"
+        self.link.publish(topic, json.dumps(record).encode(), qos=1)
 
     def _kill(self, slot: WorkerSlot, reason: str, detail: str) -> None:
         if slot.process is None or slot.kill_reason is not None:

@@ -189,6 +189,7 @@ class WorkerLoop:
             if self.channel.closed:
                 self.log.info("the supervisor is gone; stopping")
                 return self._stop()
+            self._flush()  # report handled messages before a timer callback gets a chance to hang or crash
             self._run_due_timers()
             if time.monotonic() - self._last_sent >= self.spec.heartbeat_seconds:
                 self.ctx.outgoing.append(Heartbeat())

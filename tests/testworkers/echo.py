@@ -2,7 +2,8 @@
 
 Consumes: every topic in `topics`. Produces: `<out>/started` (its pid) on start, and for each message a JSON reply
 on `<out>/echo` unless the payload is a command: `crash` exits the process at once, `raise` raises in the handler,
-`hang` sleeps for an hour, `sleep:<seconds>` sleeps then replies, `forward:<topic>` publishes to `<topic>`.
+`hang` sleeps for an hour, `block` schedules a timer that sleeps for an hour (so heartbeats stop while no message
+is in hand), `sleep:<seconds>` sleeps then replies, `forward:<topic>` publishes to `<topic>`.
 Touches nothing outside.
 """
 
@@ -44,6 +45,9 @@ class Echo(Worker[EchoConfig]):
             raise RuntimeError("asked to raise")
         if text == "hang":
             time.sleep(3600)
+        if text == "block":
+            ctx.call_later(0, lambda: time.sleep(3600))
+            return
         if text.startswith("sleep:"):
             time.sleep(float(text.removeprefix("sleep:")))
         if text.startswith("forward:"):

@@ -1,0 +1,45 @@
+"""The import arrows point down: workers and contracts never import the supervisor or paho; one module owns paho."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def top_level(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+@pytest.mark.parametrize("package", ["workers", "contracts"])
+def test_workers_and_contracts_import_neither_the_supervisor_nor_paho(package: str) -> None:
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(top_level(imported_modules(path)) & {"supervisor", "paho"})
+        for path in (ROOT / package).rglob("*.py")
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_test_workers_import_only_contracts_too() -> None:
+    for path in (ROOT / "tests" / "testworkers").rglob("*.py"):
+        assert top_level(imported_modules(path)) & {"supervisor", "paho"} == set(), path
+
+
+def test_only_the_mqtt_module_imports_paho() -> None:
+    users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "supervisor").rglob("*.py")
+                   if "paho" in top_level(imported_modules(p)))
+    assert users == ["supervisor/mqtt.py"]

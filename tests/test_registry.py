@@ -1,0 +1,86 @@
+"""Worker discovery: a module dropped into a worker package is found with nothing registered anywhere else."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.errors import ConfigError
+from supervisor.registry import discover
+
+GOOD = '''
+"""{name}: consumes nothing, produces nothing, touches nothing."""
+import msgspec
+from contracts import Worker
+
+class Config(msgspec.Struct, forbid_unknown_fields=True):
+    greeting: str = "hi"
+
+class W(Worker):
+    """A worker."""
+    name = "{name}"
+    Config = Config
+'''
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An empty worker package on sys.path under a unique name."""
+    name = f"dropin_{uuid.uuid4().hex[:8]}"
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "__init__.py").write_text("")
+    sys.path.insert(0, str(tmp_path))
+    yield name, directory
+    sys.path.remove(str(tmp_path))
+    for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[module]
+
+
+def test_a_dropped_in_module_is_discovered(package: tuple[str, Path]) -> None:
+    name, directory = package
+    (directory / "greeter.py").write_text(GOOD.format(name="greeter"))
+    (directory / "_private.py").write_text("raise RuntimeError('never imported')")
+    found = discover([name])
+    assert list(found) == ["greeter"]
+    assert found["greeter"].__module__ == f"{name}.greeter"
+
+
+def test_the_shipped_and_test_packages_are_discovered() -> None:
+    found = discover(["workers", "testworkers"])
+    assert {"echo", "broken_start"} <= set(found)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (GOOD.format(name="Bad Name"), r"\.W: name: expected a lower-case identifier like 'scraper', got 'Bad Name'$"),
+        (GOOD.format(name="ok").replace('"""A worker."""', "pass"), r"\.W: a worker needs a docstring"),
+        (GOOD.format(name="ok").replace("forbid_unknown_fields=True", ""),
+         r"\.W: Config: expected a msgspec.Struct with forbid_unknown_fields=True"),
+        ("import not_a_module_anywhere", r": cannot import worker module: ModuleNotFoundError: "),
+    ],
+)
+def test_a_bad_worker_module_is_a_clear_error(package: tuple[str, Path], source: str, message: str) -> None:
+    name, directory = package
+    (directory / "broken.py").write_text(textwrap.dedent(source))
+    with pytest.raises(ConfigError, match=rf"^{name}\.broken{message}"):
+        discover([name])
+
+
+def test_two_workers_with_one_name_are_an_error(package: tuple[str, Path]) -> None:
+    name, directory = package
+    (directory / "a.py").write_text(GOOD.format(name="twin"))
+    (directory / "b.py").write_text(GOOD.format(name="twin"))
+    with pytest.raises(ConfigError, match=r"^workers: twin: two workers share this name: "):
+        discover([name])
+
+
+def test_a_missing_worker_package_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"^supervisor.worker_packages: no_such_package_xyz: cannot import"):
+        discover(["no_such_package_xyz"])
