@@ -116,13 +116,10 @@ class Supervisor:
         self.router = Router()
         self.link = MqttLink(settings.mqtt, settings.password, self.loop, self)
         self.slots = {w.name: WorkerSlot(w, RestartTracker(w.supervision)) for w in settings.workers}
-        broker_filters: dict[str, int] = {}
         for slot in self.slots.values():
-            subscriptions = worker_subscriptions(slot.settings)
-            self.router.add(slot.name, [s.topic_filter for s in subscriptions])
-            for s in subscriptions:
-                broker_filters[s.topic_filter] = max(s.qos, broker_filters.get(s.topic_filter, 0))
-        self.link.subscribe(broker_filters)
+            for subscription in worker_subscriptions(slot.settings):
+                self.router.add(slot.name, [subscription.topic_filter], subscription.qos)
+        self.link.subscribe(self.router.broker_filters(numbered=settings.mqtt.protocol == 5))
         self.started_at = time.time()
         self.exit_code = 0
         self._ids = itertools.count(1)
@@ -414,7 +411,7 @@ class Supervisor:
 
     def _publish_from(self, slot: WorkerSlot, publication: Publish) -> None:
         if publication.local_only or self._deliver_own_publications:
-            receivers = [name for name in self.router.route(publication.topic) if name != slot.name]
+            receivers = [name for name in self.router.workers(publication.topic) if name != slot.name]
             if receivers:
                 message = Message(
                     id=next(self._ids), topic=publication.topic, payload=publication.payload, qos=publication.qos
@@ -438,7 +435,11 @@ class Supervisor:
     def message_received(self, message: Incoming) -> None:
         if self._stopping:
             return
-        receivers = self.router.route(message.topic)
+        routes = self.router.route(message.topic)
+        if message.subscription_ids:  # this copy is for these subscriptions only; other copies cover the rest
+            receivers = [worker for worker, number in routes if number in message.subscription_ids]
+        else:
+            receivers = [worker for worker, _ in routes]
         if not receivers:
             return
         routed = Message(

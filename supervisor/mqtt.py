@@ -42,6 +42,7 @@ class Incoming(msgspec.Struct, frozen=True, kw_only=True):
     mid: int
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    subscription_ids: tuple[int, ...] = ()  # MQTT 5: which of our subscriptions this copy is for
 
 
 class LinkListener(Protocol):
@@ -64,7 +65,7 @@ class MqttLink:
         self.connected = False
         self.reconnects = 0
         self.publish_errors = 0
-        self._subscriptions: dict[str, int] = {}
+        self._subscriptions: list[tuple[str, int, int]] = []
         self._stopping = False
         self._delay = config.reconnect_min_seconds
         self._retry: TimerHandle | None = None
@@ -77,9 +78,13 @@ class MqttLink:
 
     # Public API ---------------------------------------------------------------------------------------------------
 
-    def subscribe(self, filters: dict[str, int]) -> None:
-        """Set the topic filters (with QoS) to subscribe to on every connect; applied now if connected."""
-        self._subscriptions = dict(filters)
+    def subscribe(self, filters: list[tuple[str, int, int]]) -> None:
+        """Set the (filter, qos, identifier) subscriptions made on every connect; applied now if connected.
+
+        Under MQTT 5 each filter is subscribed with its identifier (and No Local, except shared subscriptions);
+        under 3.1.1 the identifiers are not sent.
+        """
+        self._subscriptions = list(filters)
         if self.connected:
             self._send_subscriptions()
 
@@ -208,16 +213,17 @@ class MqttLink:
         self._last_problem = (text, now)
 
     def _send_subscriptions(self) -> None:
-        if not self._subscriptions:
+        if not self._v5:
+            if self._subscriptions:
+                self._check(self._client.subscribe([(f, qos) for f, qos, _ in self._subscriptions])[0])
             return
-        if self._v5:
-            topics: list[Any] = [
-                (f, SubscribeOptions(qos=q, noLocal=not f.startswith("$share/")))
-                for f, q in self._subscriptions.items()
-            ]
-        else:
-            topics = list(self._subscriptions.items())
-        rc, _ = self._client.subscribe(topics)
+        for topic_filter, qos, identifier in self._subscriptions:
+            properties = Properties(PacketTypes.SUBSCRIBE)
+            properties.SubscriptionIdentifier = identifier
+            options = SubscribeOptions(qos=qos, noLocal=not topic_filter.startswith("$share/"))
+            self._check(self._client.subscribe(topic_filter, options=options, properties=properties)[0])
+
+    def _check(self, rc: int) -> None:
         if rc != paho.MQTT_ERR_SUCCESS:
             log.warning("subscribe failed: %s", paho.error_string(rc))
 
@@ -303,18 +309,21 @@ class MqttLink:
             self.listener.bad_message("topic is not valid UTF-8")
             return
         properties = msg.properties
-        correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
-        self.listener.message_received(
-            Incoming(
+        if properties is None:
+            incoming = Incoming(topic=topic, payload=msg.payload, qos=msg.qos, retain=msg.retain, mid=msg.mid)
+        else:
+            correlation = getattr(properties, "CorrelationData", None)
+            incoming = Incoming(
                 topic=topic,
                 payload=msg.payload,
                 qos=msg.qos,
                 retain=msg.retain,
                 mid=msg.mid,
-                response_topic=getattr(properties, "ResponseTopic", None) if properties is not None else None,
+                response_topic=getattr(properties, "ResponseTopic", None),
                 correlation_data=bytes(correlation) if correlation is not None else None,
+                subscription_ids=tuple(getattr(properties, "SubscriptionIdentifier", ())),
             )
-        )
+        self.listener.message_received(incoming)
 
 
 

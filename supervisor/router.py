@@ -3,6 +3,11 @@
 Filters follow MQTT: `+` matches one level, `#` (last) matches any number of levels including none, and topics
 starting with `$` are not matched by a filter that starts with a wildcard. A shared subscription
 `$share/<group>/<filter>` matches as `<filter>`. Results are cached per topic; the cache is bounded.
+
+A broker sends one copy of a message for every subscription of ours it matches. Each filter therefore has a number
+(sent as the MQTT 5 subscription identifier), and each route names the one filter through which its worker takes a
+topic: a copy goes to a worker only when it carries that filter's number. Under MQTT 3.1.1 there are no
+identifiers, so `broker_filters` leaves out filters that another filter covers.
 """
 
 from __future__ import annotations
@@ -37,6 +42,19 @@ def matches(topic_filter: str, topic: str) -> bool:
     return _match(_levels(topic_filter), topic.split("/"))
 
 
+def covers(wide: str, narrow: str) -> bool:
+    """True when every topic that matches filter `narrow` also matches filter `wide`."""
+    a, b = _levels(wide), _levels(narrow)
+    if b[0].startswith("$") and a[0] in ("+", "#"):
+        return False
+    for index, level in enumerate(a):
+        if level == "#":
+            return True
+        if index >= len(b) or b[index] == "#" or (level != "+" and (level != b[index] or b[index] == "+")):
+            return False
+    return len(a) == len(b)
+
+
 def _levels(topic_filter: str) -> list[str]:
     if topic_filter.startswith("$share/"):
         topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
@@ -55,25 +73,48 @@ def _match(levels: list[str], topic: list[str]) -> bool:
 
 
 class Router:
-    """Maps topics to the names of the workers subscribed to them."""
+    """Maps topics to the workers subscribed to them, and numbers the filters for the broker."""
 
     def __init__(self) -> None:
-        self._routes: list[tuple[list[str], str]] = []
-        self._cache: dict[str, tuple[str, ...]] = {}
+        self._routes: list[tuple[list[str], str, int]] = []
+        self._filters: dict[str, tuple[int, int]] = {}  # filter -> (number, highest qos)
+        self._cache: dict[str, tuple[tuple[str, int], ...]] = {}
 
-    def add(self, worker: str, topic_filters: Iterable[str]) -> None:
+    def add(self, worker: str, topic_filters: Iterable[str], qos: int = 0) -> None:
         for topic_filter in topic_filters:
             check_filter(topic_filter)
-            self._routes.append((_levels(topic_filter), worker))
+            number, known_qos = self._filters.get(topic_filter, (len(self._filters) + 1, 0))
+            self._filters[topic_filter] = (number, max(qos, known_qos))
+            self._routes.append((_levels(topic_filter), worker, number))
         self._cache.clear()
 
-    def route(self, topic: str) -> tuple[str, ...]:
-        """The workers subscribed to `topic`, each once, in the order they were added."""
+    def route(self, topic: str) -> tuple[tuple[str, int], ...]:
+        """(worker, filter number) for each worker subscribed to `topic`, each worker once, in the order added."""
         found = self._cache.get(topic)
         if found is None:
             parts = topic.split("/")
-            found = tuple(dict.fromkeys(w for levels, w in self._routes if _match(levels, parts)))
+            first: dict[str, int] = {}
+            for levels, worker, number in self._routes:
+                if worker not in first and _match(levels, parts):
+                    first[worker] = number
+            found = tuple(first.items())
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
             self._cache[topic] = found
         return found
+
+    def workers(self, topic: str) -> list[str]:
+        """The workers subscribed to `topic`."""
+        return [worker for worker, _ in self.route(topic)]
+
+    def broker_filters(self, numbered: bool) -> list[tuple[str, int, int]]:
+        """(filter, qos, number) to subscribe to: every filter when `numbered`, else only those no other covers."""
+        filters = [(f, qos, number) for f, (number, qos) in self._filters.items()]
+        if numbered:
+            return filters
+        kept = []
+        for f, qos, number in filters:
+            wider = [(g, q) for g, q, _ in filters if g != f and covers(g, f)]
+            if not wider:
+                kept.append((f, max([qos, *(q for g, q, _ in filters if covers(f, g))]), number))
+        return kept

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from supervisor.router import InvalidTopicFilter, Router, check_filter, matches
+from supervisor.router import InvalidTopicFilter, Router, check_filter, covers, matches
 
 
 @pytest.mark.parametrize(
@@ -51,15 +51,45 @@ def test_route_returns_each_subscribed_worker_once_in_order() -> None:
     router.add("lights", ["home/+/light", "home/#"])
     router.add("logger", ["#"])
     router.add("doors", ["home/door/+"])
-    assert router.route("home/kitchen/light") == ("lights", "logger")
-    assert router.route("home/door/front") == ("lights", "logger", "doors")
-    assert router.route("garden/sensor") == ("logger",)
-    assert router.route("$SYS/x") == ()
+    assert router.workers("home/kitchen/light") == ["lights", "logger"]
+    assert router.workers("home/door/front") == ["lights", "logger", "doors"]
+    assert router.workers("garden/sensor") == ["logger"]
+    assert router.workers("$SYS/x") == []
+
+
+def test_each_route_names_the_first_filter_its_worker_matched() -> None:
+    router = Router()
+    router.add("lights", ["home/+/light", "home/#"])  # filters 1 and 2
+    router.add("logger", ["#"])  # filter 3
+    router.add("also", ["home/#"])  # filter 2 again
+    assert router.route("home/hall/light") == (("lights", 1), ("logger", 3), ("also", 2))
+    assert router.route("home/hall/door") == (("lights", 2), ("logger", 3), ("also", 2))
+
+
+@pytest.mark.parametrize(
+    ("wide", "narrow", "expected"),
+    [
+        ("a/#", "a/+/c", True), ("#", "a/b", True), ("a/+", "a/b", True), ("a/+", "a/+", True),
+        ("a/b", "a/+", False), ("a/+", "a/#", False), ("a/+/c", "a/b/+", False), ("#", "$SYS/x", False),
+        ("a/#", "a", True), ("a/b", "a/b/c", False), ("$share/g/a/#", "a/b", True),
+    ],
+)
+def test_covers(wide: str, narrow: str, expected: bool) -> None:
+    assert covers(wide, narrow) is expected
+
+
+def test_broker_filters_without_identifiers_leave_out_covered_filters_and_keep_the_highest_qos() -> None:
+    router = Router()
+    router.add("a", ["x/+/y"], qos=1)
+    router.add("b", ["x/#"], qos=0)
+    router.add("c", ["z/1"], qos=2)
+    assert router.broker_filters(numbered=True) == [("x/+/y", 1, 1), ("x/#", 0, 2), ("z/1", 2, 3)]
+    assert router.broker_filters(numbered=False) == [("x/#", 1, 2), ("z/1", 2, 3)]
 
 
 def test_route_cache_sees_workers_added_later() -> None:
     router = Router()
     router.add("one", ["x/#"])
-    assert router.route("x/y") == ("one",)
+    assert router.workers("x/y") == ["one"]
     router.add("two", ["x/y"])
-    assert router.route("x/y") == ("one", "two")
+    assert router.workers("x/y") == ["one", "two"]

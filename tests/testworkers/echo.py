@@ -1,7 +1,8 @@
 """Echo: a test worker whose behaviour the payload chooses.
 
 Consumes: every topic in `topics`. Produces: `<out>/started` (its pid) on start, and for each message a JSON reply
-on `<out>/echo` unless the payload is a command: `crash` exits the process at once, `raise` raises in the handler,
+on `<out>/echo` unless the payload is a command: `crash` exits the process at once, `crash_once:<path>` does so only if
+`<path>` does not exist yet (creating it first), `raise` raises in the handler,
 `hang` sleeps for an hour, `block` schedules a timer that sleeps for an hour (so heartbeats stop while no message
 is in hand), `sleep:<seconds>` sleeps then replies, `forward:<topic>` publishes to `<topic>`.
 Touches nothing outside.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import msgspec
 
@@ -41,6 +43,11 @@ class Echo(Worker[EchoConfig]):
         text = message.payload.decode(errors="replace")
         if text == "crash":
             os._exit(9)
+        if text.startswith("crash_once:"):
+            marker = Path(text.removeprefix("crash_once:"))
+            if not marker.exists():
+                marker.touch()
+                os._exit(9)
         if text == "raise":
             raise RuntimeError("asked to raise")
         if text == "hang":

@@ -1,0 +1,274 @@
+"""The supervisor end to end: a real broker, real worker processes, real faults (kill -9, broker restarts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Broker, MqttProbe, SupervisorFactory, SupervisorProcess, descendants, process_gone, wait_until
+
+
+def echo(prefix: str, name: str = "echo", topics: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    """A `[workers.<name>]` table for the echo test worker."""
+    table: dict[str, Any] = {"topics": topics or [f"{prefix}/in/#"], "out": f"{prefix}/out/{name}", **extra}
+    if name != "echo":
+        table["worker"] = "echo"
+    return table
+
+
+def start(supervisors: SupervisorFactory, mqtt: MqttProbe, workers: dict[str, dict[str, Any]],
+          tables: dict[str, dict[str, Any]] | None = None) -> SupervisorProcess:
+    """Start a supervisor and wait until it is online and every echo worker has announced its pid."""
+    mqtt.subscribe(f"{supervisors.prefix}/#")
+    process = supervisors.start(workers, **(tables or {}))
+    mqtt.wait_for(f"{supervisors.base}/availability", lambda m: m.text == "online")
+    for name, table in workers.items():
+        if table.get("worker", name) == "echo":
+            mqtt.wait_for(f"{table['out']}/started")
+    return process
+
+
+def retained(broker: Broker, topic: str) -> str:
+    """The retained payload on `topic`, as a new subscriber sees it."""
+    probe = MqttProbe(broker.port)
+    try:
+        probe.subscribe(topic)
+        return probe.wait_for(topic, lambda m: m.retain)[0].text
+    finally:
+        probe.close()
+
+
+def started_pids(mqtt: MqttProbe, out: str) -> list[int]:
+    return [int(m.text) for m in mqtt.received(f"{out}/started")]
+
+
+def echoes(mqtt: MqttProbe, out: str, payload: str | None = None) -> list[dict[str, Any]]:
+    replies = [m.json() for m in mqtt.received(f"{out}/echo")]
+    return [r for r in replies if payload is None or r["payload"] == payload]
+
+
+def wait_echo(mqtt: MqttProbe, out: str, payload: str, timeout: float = 10.0) -> dict[str, Any]:
+    mqtt.wait_for(f"{out}/echo", lambda m: m.json()["payload"] == payload, timeout=timeout)
+    return echoes(mqtt, out, payload)[0]
+
+
+# Routing ------------------------------------------------------------------------------------------------------------
+
+
+def test_worker_receives_what_it_subscribed_to_and_its_publications_reach_the_broker(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix, qos=1)})
+    mqtt.publish(f"{prefix}/in/a/b", "hello")
+    reply = wait_echo(mqtt, f"{prefix}/out/echo", "hello")
+    assert reply == {"worker": "echo", "topic": f"{prefix}/in/a/b", "payload": "hello", "attempt": 1,
+                     "pid": started_pids(mqtt, f"{prefix}/out/echo")[0]}
+    mqtt.publish(f"{prefix}/elsewhere", "not for echo")
+    mqtt.publish(f"{prefix}/in/c", "marker")
+    wait_echo(mqtt, f"{prefix}/out/echo", "marker")
+    assert echoes(mqtt, f"{prefix}/out/echo", "not for echo") == []
+
+
+def test_wildcards_route_each_message_to_every_matching_worker(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {
+        "lights": echo(prefix, "lights", [f"{prefix}/in/+/light"]),
+        "all": echo(prefix, "all", [f"{prefix}/in/#"]),
+    })
+    mqtt.publish(f"{prefix}/in/kitchen/door", "door")
+    mqtt.publish(f"{prefix}/in/kitchen/light", "light")
+    wait_echo(mqtt, f"{prefix}/out/lights", "light")
+    wait_echo(mqtt, f"{prefix}/out/all", "light")
+    assert [r["payload"] for r in echoes(mqtt, f"{prefix}/out/all")] == ["door", "light"]
+    assert [r["payload"] for r in echoes(mqtt, f"{prefix}/out/lights")] == ["light"]  # door would have come first
+
+
+@pytest.mark.parametrize("protocol", [5, 311])
+def test_worker_to_worker_publications_arrive_once_and_local_only_stays_local(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, protocol: int
+) -> None:
+    start(supervisors, mqtt, {
+        "sender": echo(prefix, "sender", [f"{prefix}/in/sender"]),
+        "quiet": echo(prefix, "quiet", [f"{prefix}/in/quiet"], local_only=True),
+        "listener": echo(prefix, "listener", [f"{prefix}/bus/#"]),
+    }, {"mqtt": {"protocol": protocol}})
+    mqtt.publish(f"{prefix}/in/sender", f"forward:{prefix}/bus/shared")
+    mqtt.publish(f"{prefix}/in/quiet", f"forward:{prefix}/bus/private")
+    mqtt.wait_for(f"{prefix}/bus/shared")
+    wait_echo(mqtt, f"{prefix}/out/listener", "from sender")
+    wait_echo(mqtt, f"{prefix}/out/listener", "from quiet")
+    mqtt.publish(f"{prefix}/bus/marker", "marker")  # a barrier: anything duplicated would have arrived before it
+    wait_echo(mqtt, f"{prefix}/out/listener", "marker")
+    assert len(echoes(mqtt, f"{prefix}/out/listener", "from sender")) == 1
+    assert len(echoes(mqtt, f"{prefix}/out/listener", "from quiet")) == 1
+    assert mqtt.received(f"{prefix}/bus/private") == []
+
+
+# Availability, shutdown and the will ------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_cleanly_with_offline_retained_and_no_process_left(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, broker: Broker, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    children = descendants(process.pid)
+    assert len(children) >= 2, "expected the forkserver and the worker below the supervisor"
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0
+    assert retained(broker, f"{supervisors.base}/availability") == "offline"
+    wait_until(lambda: all(process_gone(pid) for pid in children), 5, "every worker process to be gone")
+    assert "worker echo stopped: exit code 0" in process.log()
+
+
+def test_kill_9_of_the_supervisor_publishes_the_will_and_leaves_no_worker(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    children = descendants(process.pid)
+    process.signal(signal.SIGKILL)
+    mqtt.wait_for(f"{supervisors.base}/availability", lambda m: m.text == "offline")
+    wait_until(lambda: all(process_gone(pid) for pid in children), 5,
+               f"the worker processes {children} to exit after the supervisor died")
+
+
+# Supervision --------------------------------------------------------------------------------------------------------
+
+
+def test_kill_9_of_a_worker_brings_it_back_receiving_within_seconds(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)})
+    out = f"{prefix}/out/echo"
+    (first,) = started_pids(mqtt, out)
+    os.kill(first, signal.SIGKILL)
+    mqtt.wait_for(f"{out}/started", count=2, timeout=2.0)
+    mqtt.publish(f"{prefix}/in/x", "after restart")
+    reply = wait_echo(mqtt, out, "after restart", timeout=2.0)
+    assert reply["pid"] == started_pids(mqtt, out)[1] != first
+
+
+def test_a_handler_exception_is_counted_and_the_worker_goes_on(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    mqtt.publish(f"{prefix}/in/x", "raise")
+    mqtt.publish(f"{prefix}/in/x", "still here")
+    reply = wait_echo(mqtt, f"{prefix}/out/echo", "still here")
+    assert reply["pid"] == started_pids(mqtt, f"{prefix}/out/echo")[0]
+    assert "error (handler): RuntimeError: asked to raise" in process.log()
+
+
+def test_the_message_in_hand_when_a_worker_dies_is_redelivered_marked(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, tmp_path: Path
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)})
+    payload = f"crash_once:{tmp_path / 'crashed'}"
+    mqtt.publish(f"{prefix}/in/x", payload)
+    mqtt.publish(f"{prefix}/in/x", "queued behind it")
+    reply = wait_echo(mqtt, f"{prefix}/out/echo", payload)
+    assert reply["attempt"] == 2
+    assert wait_echo(mqtt, f"{prefix}/out/echo", "queued behind it")["attempt"] == 1
+    assert len(started_pids(mqtt, f"{prefix}/out/echo")) == 2
+
+
+def test_a_poison_message_is_dead_lettered_and_the_rest_flows(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix, dead_letter_after_crashes=2, backoff_min_seconds=0.05)})
+    mqtt.publish(f"{prefix}/in/poison", "crash")
+    mqtt.publish(f"{prefix}/in/fine", "after the poison")
+    (letter,) = mqtt.wait_for(f"{supervisors.base}/dead_letter")
+    record = letter.json()
+    assert {k: record[k] for k in ("worker", "topic", "payload", "attempts")} == {
+        "worker": "echo", "topic": f"{prefix}/in/poison", "payload": "crash", "attempts": 2}
+    assert record["last_exit"] == "exit code 9 (exit)"
+    assert wait_echo(mqtt, f"{prefix}/out/echo", "after the poison")["attempt"] == 1
+
+
+def test_a_worker_stuck_on_a_message_is_killed_at_its_deadline_and_restarted(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix, message_deadline_seconds=0.5)})
+    mqtt.publish(f"{prefix}/in/x", "hang")
+    mqtt.wait_for(f"{prefix}/out/echo/started", count=2, timeout=5)
+    assert "spent more than 0.5 s on a message; killing it" in process.log()
+
+
+def test_a_worker_that_stops_heartbeating_is_killed_and_restarted(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix, heartbeat_timeout_seconds=1.0)})
+    mqtt.publish(f"{prefix}/in/x", "block")
+    mqtt.wait_for(f"{prefix}/out/echo/started", count=2, timeout=5)
+    assert "sent no heartbeat for 1 s; killing it" in process.log()
+    mqtt.publish(f"{prefix}/in/x", "alive again")
+    wait_echo(mqtt, f"{prefix}/out/echo", "alive again")
+
+
+def test_a_crash_looping_worker_is_marked_failed_and_the_others_go_on(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {
+        "broken_start": {"max_restarts": 2, "backoff_min_seconds": 0.05},
+        "echo": echo(prefix),
+    })
+    process.wait_log("worker broken_start failed: more than 2 restarts in 60 s (last: exit code 3 (start_failed))")
+    assert process.log().count("worker broken_start starting") == 3
+    mqtt.publish(f"{prefix}/in/x", "unaffected")
+    wait_echo(mqtt, f"{prefix}/out/echo", "unaffected")
+    assert process.process.poll() is None
+
+
+def test_a_significant_worker_that_fails_stops_the_supervisor_with_exit_1(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    mqtt.subscribe(f"{prefix}/#")
+    process = supervisors.start({"broken_start": {"max_restarts": 1, "backoff_min_seconds": 0.05,
+                                                   "significant": True}})
+    assert process.wait() == 1
+    assert "worker broken_start is significant: stopping the supervisor" in process.log()
+    mqtt.wait_for(f"{supervisors.base}/availability", lambda m: m.text == "offline")
+
+
+# The broker going away ----------------------------------------------------------------------------------------------
+
+
+def test_broker_restart_on_the_same_port_resumes_the_flow_and_birth(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, broker: Broker, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    mqtt.close()
+    broker.stop()
+    process.wait_log("disconnected from the broker")
+    broker.start()
+    probe = MqttProbe(broker.port)
+    try:
+        probe.subscribe(f"{prefix}/#")
+        probe.wait_for(f"{supervisors.base}/availability", lambda m: m.text == "online")
+        probe.publish(f"{prefix}/in/x", "after the outage")
+        wait_echo(probe, f"{prefix}/out/echo", "after the outage")
+    finally:
+        probe.close()
+    assert retained(broker, f"{supervisors.base}/availability") == "online"
+
+
+def test_a_broker_that_is_down_at_boot_is_retried(
+    supervisors: SupervisorFactory, broker: Broker, prefix: str
+) -> None:
+    broker.stop()
+    process = supervisors.start({"echo": echo(prefix)})
+    process.wait_log("cannot reach the broker at 127.0.0.1:")
+    broker.start()
+    probe = MqttProbe(broker.port)
+    try:
+        probe.subscribe(f"{prefix}/#")
+        probe.wait_for(f"{supervisors.base}/availability", lambda m: m.text == "online")
+        probe.publish(f"{prefix}/in/x", "late broker")
+        wait_echo(probe, f"{prefix}/out/echo", "late broker")
+    finally:
+        probe.close()
+    assert process.log().count("cannot reach the broker") == 1  # logged once, not once per attempt
