@@ -17,7 +17,7 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", arra
 # Supervisor to worker ---------------------------------------------------------------------------------------------
 
 
-class Message(Envelope, tag="message"):
+class Message(Envelope, tag="message", frozen=True, kw_only=True):
     """One MQTT message (from the broker or from another worker) handed to a worker.
 
     `id` is unique within one supervisor run; `attempt` is 1 on first delivery and grows each time the message is
@@ -42,7 +42,7 @@ class Message(Envelope, tag="message"):
         return self.payload.decode()
 
 
-class Stop(Envelope, tag="stop"):
+class Stop(Envelope, tag="stop", frozen=True, kw_only=True):
     """Finish the message in hand, run `on_stop` and exit."""
 
 
@@ -52,13 +52,13 @@ Inbound = Message | Stop
 # Worker to supervisor ---------------------------------------------------------------------------------------------
 
 
-class Started(Envelope, tag="started"):
+class Started(Envelope, tag="started", frozen=True, kw_only=True):
     """The worker's `on_start` returned; it now takes messages."""
 
     pid: int
 
 
-class Publish(Envelope, tag="publish"):
+class Publish(Envelope, tag="publish", frozen=True, kw_only=True):
     """Publish `payload` on `topic`: to local subscribers, and to the broker unless `local_only`.
 
     `expiry` is the MQTT 5 message expiry in seconds: None takes the configured default for events (non-retained
@@ -73,7 +73,7 @@ class Publish(Envelope, tag="publish"):
     local_only: bool = False
 
 
-class Handled(Envelope, tag="handled"):
+class Handled(Envelope, tag="handled", frozen=True, kw_only=True):
     """The worker finished message `id` (successfully or not) after `seconds` of handling."""
 
     id: int
@@ -81,14 +81,14 @@ class Handled(Envelope, tag="handled"):
     failed: bool = False
 
 
-class ErrorReported(Envelope, tag="error"):
+class ErrorReported(Envelope, tag="error", frozen=True, kw_only=True):
     """The worker counts one error of `kind` (a short fixed word such as `scrape` or `ai`)."""
 
     kind: str
     detail: str
 
 
-class Heartbeat(Envelope, tag="heartbeat"):
+class Heartbeat(Envelope, tag="heartbeat", frozen=True, kw_only=True):
     """The worker's loop is alive and idle."""
 
 

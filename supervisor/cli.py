@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
     from supervisor import config  # after the identity check: another `supervisor` has no such module
-
     from supervisor.core import Supervisor
 
     try:
@@ -64,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", required=True, metavar="PATH", help="the TOML config file")
     parser.add_argument(
-        "--check-config", action="store_true", help="validate the config and every enabled worker's section, then exit"
+        "--check-config",
+        action="store_true",
+        help="validate the config and every enabled worker's section, then exit",
     )
     parser.add_argument(
         "--version", action="version", version=f"{_DISTRIBUTION} {getattr(supervisor, '__version__', '?')}"

@@ -30,7 +30,7 @@ class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """Base of every config table: immutable, keyword-only, unknown keys rejected."""
 
 
-class SupervisorConfig(_Table):
+class SupervisorConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     base_topic: str = "supervisor"
     # Empty: $STATE_DIRECTORY (set by systemd's StateDirectory=) or ./state. Relative paths are from the cwd.
     state_dir: str = ""
@@ -41,7 +41,7 @@ class SupervisorConfig(_Table):
     start_method: Literal["forkserver", "spawn"] = "forkserver"
 
 
-class TlsConfig(_Table):
+class TlsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     enabled: bool = False
     ca_file: str | None = None
     cert_file: str | None = None
@@ -49,7 +49,7 @@ class TlsConfig(_Table):
     insecure: bool = False
 
 
-class MqttConfig(_Table):
+class MqttConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Port = 1883
     # Empty: "supervisor-<hostname>", stable across restarts (persistent session) and unique per host.
@@ -71,17 +71,17 @@ class MqttConfig(_Table):
     tls: TlsConfig = TlsConfig()
 
 
-class MetricsConfig(_Table):
+class MetricsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     bind: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 9388
 
 
-class HomeAssistantConfig(_Table):
+class HomeAssistantConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     discovery_prefix: str = "homeassistant"
     status_topic: str = "homeassistant/status"
 
 
-class ConfigFile(_Table):
+class ConfigFile(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     supervisor: SupervisorConfig = SupervisorConfig()
     mqtt: MqttConfig = MqttConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -89,7 +89,7 @@ class ConfigFile(_Table):
     workers: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 
-class WorkerSupervision(_Table):
+class WorkerSupervision(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The keys of a `[workers.<name>]` section that belong to the supervisor, not to the worker."""
 
     enabled: bool = True
@@ -222,9 +222,7 @@ def _password(mqtt: MqttConfig, environ: dict[str, str], source: str) -> Secret 
         raise ConfigError(source, "[mqtt] password_file", "set password_env or password_file, not both")
     if mqtt.password_env:
         if mqtt.password_env not in environ:
-            raise ConfigError(
-                source, "[mqtt] password_env", f"the environment variable {mqtt.password_env} is not set"
-            )
+            raise ConfigError(source, "[mqtt] password_env", f"the environment variable {mqtt.password_env} is not set")
         return Secret(environ[mqtt.password_env])
     if mqtt.password_file:
         try:

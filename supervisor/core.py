@@ -12,6 +12,8 @@ intensity, which shuts the supervisor down with exit code 1 so the service manag
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -102,7 +104,9 @@ def worker_subscriptions(settings: WorkerSettings) -> list[Subscription]:
             raise ConfigError(f"worker {settings.name}", "subscriptions()", str(exc)) from None
         if subscription.qos not in (0, 1, 2):
             raise ConfigError(
-                f"worker {settings.name}", "subscriptions()", f"expected qos 0, 1 or 2, got {subscription.qos}"
+                f"worker {settings.name}",
+                "subscriptions()",
+                f"expected qos 0, 1 or 2, got {subscription.qos}",
             )
     return subscriptions
 
@@ -189,14 +193,13 @@ class Supervisor:
             slot.outgoing.append(Stop())
             timeout = slot.settings.supervision.shutdown_timeout_seconds
             timeout = timeout if timeout is not None else self.settings.supervisor.shutdown_timeout_seconds
-            slot.timer = self.loop.call_later(timeout, lambda s=slot: self._terminate(s))
+            slot.timer = self.loop.call_later(timeout, functools.partial(self._terminate, slot))
 
     def _terminate(self, slot: WorkerSlot) -> None:
         if slot.process is not None:
             log.warning("worker %s did not stop in time; terminating pid %d", slot.name, slot.process.pid)
             slot.process.terminate()
-            process = slot.process
-            slot.timer = self.loop.call_later(_KILL_GRACE_SECONDS, lambda: process.kill())
+            slot.timer = self.loop.call_later(_KILL_GRACE_SECONDS, slot.process.kill)
 
     # Worker processes ---------------------------------------------------------------------------------------------
 
@@ -284,15 +287,24 @@ class Supervisor:
                 slot.timer = self.loop.call_later(decision.delay, lambda: self._start(slot))
             case Verdict.STAY_STOPPED:
                 slot.state = WorkerState.STOPPED
-                log.info("worker %s ended: %s; not restarted (%s)", slot.name, slot.last_exit,
-                         slot.settings.supervision.restart)
+                log.info(
+                    "worker %s ended: %s; not restarted (%s)",
+                    slot.name,
+                    slot.last_exit,
+                    slot.settings.supervision.restart,
+                )
             case Verdict.FAILED | Verdict.ESCALATE:
                 slot.state = WorkerState.FAILED
                 slot.dropped += len(slot.queued)
                 slot.queued.clear()
                 policy = slot.settings.supervision
-                log.error("worker %s failed: more than %d restarts in %g s (last: %s)", slot.name,
-                          policy.max_restarts, policy.restart_window_seconds, slot.last_exit)
+                log.error(
+                    "worker %s failed: more than %d restarts in %g s (last: %s)",
+                    slot.name,
+                    policy.max_restarts,
+                    policy.restart_window_seconds,
+                    slot.last_exit,
+                )
                 if decision.verdict is Verdict.ESCALATE:
                     log.critical("worker %s is significant: stopping the supervisor", slot.name)
                     self.shutdown(exit_code=1)
@@ -317,8 +329,13 @@ class Supervisor:
 
     def _dead_letter(self, slot: WorkerSlot, message: Message) -> None:
         slot.dead_letters += 1
-        log.error("worker %s died %d times handling message %d on %s; sent to the dead-letter topic",
-                  slot.name, message.attempt, message.id, message.topic)
+        log.error(
+            "worker %s died %d times handling message %d on %s; sent to the dead-letter topic",
+            slot.name,
+            message.attempt,
+            message.id,
+            message.topic,
+        )
         try:
             text, encoded = message.payload.decode(), None
         except UnicodeDecodeError:
@@ -368,8 +385,12 @@ class Supervisor:
             return
         if len(slot.queued) >= slot.settings.supervision.max_queued:
             slot.dropped += 1
-            log.warning("worker %s: queue full (%d); dropped a message on %s", slot.name, len(slot.queued),
-                        message.topic)
+            log.warning(
+                "worker %s: queue full (%d); dropped a message on %s",
+                slot.name,
+                len(slot.queued),
+                message.topic,
+            )
             return
         slot.queued.append(message)
         self._refill(slot, self.loop.clock())
@@ -393,13 +414,11 @@ class Supervisor:
             if not slot.outgoing or slot.process is None:
                 continue
             process = slot.process
-            try:
+            with contextlib.suppress(ChannelClosed):  # the process is dying; its sentinel tells us when it is gone
                 process.channel.send(slot.outgoing)
-            except ChannelClosed:
-                pass  # the process is dying; the sentinel tells us when it is gone
             slot.outgoing.clear()
             if process.channel.pending_bytes:
-                self.loop.add_writer(process.channel, lambda p=process: self._write_more(p))
+                self.loop.add_writer(process.channel, functools.partial(self._write_more, process))
 
     def _write_more(self, process: WorkerProcess) -> None:
         try:
@@ -414,7 +433,10 @@ class Supervisor:
             receivers = [name for name in self.router.workers(publication.topic) if name != slot.name]
             if receivers:
                 message = Message(
-                    id=next(self._ids), topic=publication.topic, payload=publication.payload, qos=publication.qos
+                    id=next(self._ids),
+                    topic=publication.topic,
+                    payload=publication.payload,
+                    qos=publication.qos,
                 )
                 for name in receivers:
                     self._offer(self.slots[name], message)
@@ -456,4 +478,3 @@ class Supervisor:
 
     def bad_message(self, reason: str) -> None:
         log.warning("dropped a message from the broker: %s", reason)
-

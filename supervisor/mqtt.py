@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import msgspec
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -135,7 +136,7 @@ class MqttLink:
     def _build_client(self, password: Secret | None) -> paho.Client:
         config = self.config
         client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
             clean_session=None if self._v5 else False,
@@ -146,14 +147,12 @@ class MqttLink:
         if config.username:
             client.username_pw_set(config.username, password.reveal() if password else None)
         if config.tls.enabled:
-            client.tls_set(
-                ca_certs=config.tls.ca_file, certfile=config.tls.cert_file, keyfile=config.tls.key_file
-            )
+            client.tls_set(ca_certs=config.tls.ca_file, certfile=config.tls.cert_file, keyfile=config.tls.key_file)
             client.tls_insecure_set(config.tls.insecure)
         client.will_set(config.availability_topic, config.will_payload.encode(), qos=1, retain=True)
         properties = None
         if self._v5:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = config.session_expiry_seconds
         # clean_start=False: keep the broker's session (and its queued QoS 1 messages) across restarts.
         client.connect_async(
@@ -203,8 +202,12 @@ class MqttLink:
         """Log a connection problem: at once when it is new, then at most once a minute while it lasts."""
         now = self.loop.clock()
         if self._last_problem is None or self._last_problem[0] != text:
-            log.warning("%s; retrying every %g-%g s", text, self.config.reconnect_min_seconds,
-                        self.config.reconnect_max_seconds)
+            log.warning(
+                "%s; retrying every %g-%g s",
+                text,
+                self.config.reconnect_min_seconds,
+                self.config.reconnect_max_seconds,
+            )
         elif now - self._last_problem[1] < _REPEAT_LOG_SECONDS:
             log.debug("%s", text)
             return
@@ -218,7 +221,7 @@ class MqttLink:
                 self._check(self._client.subscribe([(f, qos) for f, qos, _ in self._subscriptions])[0])
             return
         for topic_filter, qos, identifier in self._subscriptions:
-            properties = Properties(PacketTypes.SUBSCRIBE)
+            properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
             properties.SubscriptionIdentifier = identifier
             options = SubscribeOptions(qos=qos, noLocal=not topic_filter.startswith("$share/"))
             self._check(self._client.subscribe(topic_filter, options=options, properties=properties)[0])
@@ -230,7 +233,7 @@ class MqttLink:
     def _expiry(self, seconds: int) -> Properties:
         properties = self._expiry_properties.get(seconds)
         if properties is None:
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.MessageExpiryInterval = seconds
             self._expiry_properties[seconds] = properties
         return properties
@@ -271,17 +274,19 @@ class MqttLink:
     def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self.loop.remove_writer(sock)
 
-    def _on_connect(
-        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
-    ) -> None:
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         if self._connect_deadline is not None:
             self._connect_deadline.cancel()
             self._connect_deadline = None
         if reason.is_failure:
             self._problem(f"the broker at {self.config.host}:{self.config.port} refused the connection: {reason}")
             return  # the broker closes the connection; _on_disconnect schedules the retry
-        log.info("connected to %s:%d (session present: %s)", self.config.host, self.config.port,
-                 flags.session_present)
+        log.info(
+            "connected to %s:%d (session present: %s)",
+            self.config.host,
+            self.config.port,
+            flags.session_present,
+        )
         self.connected = True
         if self._ever_connected:
             self.reconnects += 1
@@ -310,12 +315,12 @@ class MqttLink:
             return
         properties = msg.properties
         if properties is None:
-            incoming = Incoming(topic=topic, payload=msg.payload, qos=msg.qos, retain=msg.retain, mid=msg.mid)
+            incoming = Incoming(topic=topic, payload=bytes(msg.payload), qos=msg.qos, retain=msg.retain, mid=msg.mid)
         else:
             correlation = getattr(properties, "CorrelationData", None)
             incoming = Incoming(
                 topic=topic,
-                payload=msg.payload,
+                payload=bytes(msg.payload),
                 qos=msg.qos,
                 retain=msg.retain,
                 mid=msg.mid,
@@ -324,7 +329,6 @@ class MqttLink:
                 subscription_ids=tuple(getattr(properties, "SubscriptionIdentifier", ())),
             )
         self.listener.message_received(incoming)
-
 
 
 def _has_more(sock: Any) -> bool:

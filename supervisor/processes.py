@@ -6,6 +6,7 @@ Restarting a worker means starting a new `WorkerProcess`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -105,7 +106,5 @@ class WorkerProcess:
         self.process.close()
 
     def _signal(self, signum: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # already gone: its exit status comes through the sentinel
             os.kill(self.pid, signum)
-        except ProcessLookupError:
-            pass  # already gone; its exit status arrives through the sentinel

@@ -69,7 +69,9 @@ def _check_worker_class(cls: type[Worker]) -> None:  # type: ignore[type-arg]
     struct_config = getattr(config_cls, "__struct_config__", None)
     if struct_config is None or not struct_config.forbid_unknown_fields:
         raise ConfigError(
-            where, "Config", "expected a msgspec.Struct with forbid_unknown_fields=True, so typos in config fail"
+            where,
+            "Config",
+            "expected a msgspec.Struct with forbid_unknown_fields=True, so typos in config fail",
         )
 
 

@@ -107,9 +107,7 @@ class _Timer:
 class WorkerContext:
     """The `contracts.Context` a worker is given; what it publishes is collected in `outgoing`."""
 
-    def __init__(
-        self, name: str, config: Any, state_dir: Path, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, name: str, config: Any, state_dir: Path, clock: Callable[[], float] = time.time) -> None:
         self.name = name
         self.config = config
         self.state_dir = state_dir

@@ -67,7 +67,8 @@ class RestartTracker:
         if consecutive == 0:
             return 0.0
         base = min(self.policy.backoff_min_seconds * 2 ** (consecutive - 1), self.policy.backoff_max_seconds)
-        return min(base * self._rng.uniform(0.8, 1.2), self.policy.backoff_max_seconds)
+        jittered: float = base * self._rng.uniform(0.8, 1.2)
+        return min(jittered, self.policy.backoff_max_seconds)
 
     def reset(self) -> None:
         """Forget past restarts (a person restarted the worker by command)."""

@@ -6,6 +6,7 @@ events with deadlines.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -176,8 +177,9 @@ class MqttProbe:
     def __init__(self, port: int, protocol: int = paho.MQTTv5) -> None:
         self.messages: list[Received] = []
         self._lock = threading.Condition()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}",
-                                  protocol=protocol)
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}", protocol=protocol
+        )
         self.client.on_message = self._on_message
         self._connected = threading.Event()
         self.client.on_connect = lambda *a: self._connected.set()
@@ -198,8 +200,15 @@ class MqttProbe:
         if not done.wait(10):
             raise AssertionError(f"no SUBACK for {topic_filters}")
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
-                response_topic: str | None = None, correlation_data: bytes | None = None) -> None:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+    ) -> None:
         properties = None
         if response_topic or correlation_data:
             properties = Properties(PacketTypes.PUBLISH)
@@ -215,8 +224,13 @@ class MqttProbe:
         with self._lock:
             return [m for m in self.messages if m.topic == topic and (predicate is None or predicate(m))]
 
-    def wait_for(self, topic: str, predicate: Callable[[Received], bool] | None = None, timeout: float = 10.0,
-                 count: int = 1) -> list[Received]:
+    def wait_for(
+        self,
+        topic: str,
+        predicate: Callable[[Received], bool] | None = None,
+        timeout: float = 10.0,
+        count: int = 1,
+    ) -> list[Received]:
         """Wait until `count` messages on `topic` (matching `predicate`) have arrived; returns them."""
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -227,8 +241,10 @@ class MqttProbe:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     seen = [m for m in self.messages if m.topic == topic]
-                    raise AssertionError(f"timed out after {timeout} s waiting for {count} message(s) on {topic}; "
-                                         f"got {len(found)} matching, {len(seen)} in all: {seen[-5:]}")
+                    raise AssertionError(
+                        f"timed out after {timeout} s waiting for {count} message(s) on {topic}; "
+                        f"got {len(found)} matching, {len(seen)} in all: {seen[-5:]}"
+                    )
                 self._lock.wait(remaining)
 
     def close(self) -> None:
@@ -283,7 +299,11 @@ class SupervisorProcess:
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "supervisor", "--config", str(config_path), "--log-level", "DEBUG"],
-                cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
             )
         self.pid = self.process.pid
 
@@ -307,15 +327,11 @@ class SupervisorProcess:
         pids = [self.pid, *descendants(self.pid)]
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.process.wait(5)
 
 
@@ -331,10 +347,17 @@ class SupervisorFactory:
 
     def config(self, workers: dict[str, dict[str, Any]], **tables: dict[str, Any]) -> Path:
         document: dict[str, Any] = {
-            "supervisor": {"base_topic": self.base, "state_dir": str(self.tmp_path / "state"),
-                           "worker_packages": ["testworkers"], "shutdown_timeout_seconds": 5.0},
-            "mqtt": {"host": "127.0.0.1", "port": self.broker.port,
-                     "client_id": f"sup-{self.prefix.replace('/', '-')}"},
+            "supervisor": {
+                "base_topic": self.base,
+                "state_dir": str(self.tmp_path / "state"),
+                "worker_packages": ["testworkers"],
+                "shutdown_timeout_seconds": 5.0,
+            },
+            "mqtt": {
+                "host": "127.0.0.1",
+                "port": self.broker.port,
+                "client_id": f"sup-{self.prefix.replace('/', '-')}",
+            },
             "metrics": {"port": 0},
             "workers": workers,
         }
@@ -354,8 +377,9 @@ class SupervisorFactory:
 
 
 @pytest.fixture
-def supervisors(tmp_path: Path, broker: Broker, prefix: str, request: pytest.FixtureRequest
-                ) -> Iterator[SupervisorFactory]:
+def supervisors(
+    tmp_path: Path, broker: Broker, prefix: str, request: pytest.FixtureRequest
+) -> Iterator[SupervisorFactory]:
     factory = SupervisorFactory(tmp_path, broker, prefix)
     yield factory
     for process in factory.started:

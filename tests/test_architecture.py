@@ -40,6 +40,9 @@ def test_test_workers_import_only_contracts_too() -> None:
 
 
 def test_only_the_mqtt_module_imports_paho() -> None:
-    users = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "supervisor").rglob("*.py")
-                   if "paho" in top_level(imported_modules(p)))
+    users = sorted(
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "supervisor").rglob("*.py")
+        if "paho" in top_level(imported_modules(p))
+    )
     assert users == ["supervisor/mqtt.py"]

@@ -28,7 +28,7 @@ def test_envelopes_arrive_whole_and_in_order_even_when_the_socket_is_full() -> N
     supervisor_end, worker_end = pair()
     messages = [Message(id=i, topic=f"t/{i}", payload=bytes(1000)) for i in range(2000)]  # ~2 MB > socket buffer
     for start in range(0, len(messages), 100):
-        supervisor_end.send(messages[start:start + 100])
+        supervisor_end.send(messages[start : start + 100])
     assert supervisor_end.pending_bytes > 0  # the socket could not take it all at once
     got: list[Inbound] = []
     while len(got) < len(messages):
@@ -68,7 +68,7 @@ def test_writing_to_a_closed_peer_raises_channel_closed() -> None:
     a, b = socket.socketpair()
     channel = Channel(a, Outbound)
     b.close()
-    with pytest.raises(ChannelClosed, match="^send failed: "):
+    with pytest.raises(ChannelClosed, match=r"^send failed: "):
         channel.send([Stop()])
 
 
@@ -77,5 +77,5 @@ def test_garbage_on_the_pipe_raises_channel_closed() -> None:
     channel = Channel(b, Inbound)
     a.send(b"\x03\x00\x00\x00abc")
     select.select([channel], [], [], 5)
-    with pytest.raises(ChannelClosed, match="^undecodable frame: "):
+    with pytest.raises(ChannelClosed, match=r"^undecodable frame: "):
         channel.receive()

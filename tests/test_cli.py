@@ -18,8 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    return subprocess.run([sys.executable, "-m", "supervisor", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_version_prints_the_distribution_and_version() -> None:
@@ -47,8 +54,10 @@ def test_check_config_validates_enabled_worker_sections(tmp_path: Path) -> None:
     [
         ("[mqtt]\nport = 'x'\n", '[mqtt] port: expected int, got "x"'),
         ("[mqtt]\nbogus = 1\n", "[mqtt] bogus: unknown key"),
-        ('[supervisor]\nworker_packages = ["testworkers"]\n[workers.echo]\ntopics = ["a/#/b"]\nout = "o"\n',
-         "worker echo: subscriptions(): invalid topic filter 'a/#/b': '#' must be the last level"),
+        (
+            '[supervisor]\nworker_packages = ["testworkers"]\n[workers.echo]\ntopics = ["a/#/b"]\nout = "o"\n',
+            "worker echo: subscriptions(): invalid topic filter 'a/#/b': '#' must be the last level",
+        ),
     ],
 )
 def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path: Path, text: str, message: str) -> None:
@@ -75,8 +84,11 @@ def test_bad_command_line_exits_2() -> None:
 def test_another_projects_supervisor_package_is_refused() -> None:
     supervisord = types.ModuleType("supervisor")
     supervisord.__file__ = "/usr/lib/python3/dist-packages/supervisor/__init__.py"
-    with pytest.raises(WrongPackageError, match=r"^the import name 'supervisor' resolves to another project at "
-                                                r"/usr/lib/python3/dist-packages/supervisor/__init__.py"):
+    with pytest.raises(
+        WrongPackageError,
+        match=r"^the import name 'supervisor' resolves to another project at "
+        r"/usr/lib/python3/dist-packages/supervisor/__init__.py",
+    ):
         cli.check_package_identity(supervisord)
     import supervisor
 

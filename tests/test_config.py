@@ -38,10 +38,20 @@ def test_shipped_config_is_valid_and_has_every_table() -> None:
 
 def test_shipped_config_names_every_option() -> None:
     text = (ROOT / "deploy" / "config.toml").read_text()
-    tables = [config.SupervisorConfig, config.MqttConfig, config.TlsConfig, config.MetricsConfig,
-              config.HomeAssistantConfig, config.WorkerSupervision]
-    missing = [f for t in tables for f in t.__struct_fields__
-               if not re.search(rf"^#? ?{f} =", text, re.M) and f"[mqtt.{f}]" not in text]
+    tables = [
+        config.SupervisorConfig,
+        config.MqttConfig,
+        config.TlsConfig,
+        config.MetricsConfig,
+        config.HomeAssistantConfig,
+        config.WorkerSupervision,
+    ]
+    missing = [
+        f
+        for t in tables
+        for f in t.__struct_fields__
+        if not re.search(rf"^#? ?{f} =", text, re.M) and f"[mqtt.{f}]" not in text
+    ]
     assert missing == []
 
 
@@ -76,7 +86,10 @@ def test_state_dir_comes_from_systemd_when_not_configured(tmp_path: Path) -> Non
         ("[mqtt.tls]", r"\[mqtt.tls\] colour: unknown key; expected one of: ca_file, cert_file, enabled, "),
         ("[metrics]", r"\[metrics\] colour: unknown key; expected one of: bind, port$"),
         ("[homeassistant]", r"\[homeassistant\] colour: unknown key; expected one of: discovery_prefix, "),
-        ("[workers.echo]\ntopics = []\nout = 'x'", r"\[workers.echo\] colour: unknown key; expected one of: .*max_restarts.*topics"),
+        (
+            "[workers.echo]\ntopics = []\nout = 'x'",
+            r"\[workers.echo\] colour: unknown key; expected one of: .*max_restarts.*topics",
+        ),
     ],
 )
 def test_unknown_key_in_any_table_is_named(tmp_path: Path, table: str, expected: str) -> None:
@@ -85,8 +98,11 @@ def test_unknown_key_in_any_table_is_named(tmp_path: Path, table: str, expected:
 
 
 def test_unknown_top_level_table_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"config.toml: colour: unknown key; expected one of: homeassistant, "
-                                          r"metrics, mqtt, supervisor, workers$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config.toml: colour: unknown key; expected one of: homeassistant, "
+        r"metrics, mqtt, supervisor, workers$",
+    ):
         load(tmp_path, "[colour]\nx = 1\n")
 
 
@@ -96,18 +112,34 @@ def test_unknown_top_level_table_is_named(tmp_path: Path) -> None:
         ('[mqtt]\nport = "often"', r'\[mqtt\] port: expected int, got "often"$'),
         ("[mqtt]\nport = 70000", r"\[mqtt\] port: expected int <= 65535, got 70000$"),
         ("[mqtt]\nprotocol = 4", r"\[mqtt\] protocol: expected one of 5, 311, got 4$"),
-        ("[mqtt]\nmessage_expiry_seconds = 30", r"\[mqtt\] message_expiry_seconds: expected int >= 60, got 30$"),
-        ("[mqtt]\nmessage_expiry_seconds = 7200", r"\[mqtt\] message_expiry_seconds: expected int <= 3600, got 7200$"),
+        (
+            "[mqtt]\nmessage_expiry_seconds = 30",
+            r"\[mqtt\] message_expiry_seconds: expected int >= 60, got 30$",
+        ),
+        (
+            "[mqtt]\nmessage_expiry_seconds = 7200",
+            r"\[mqtt\] message_expiry_seconds: expected int <= 3600, got 7200$",
+        ),
         ("[mqtt.tls]\nenabled = 1", r"\[mqtt.tls\] enabled: expected bool, got 1$"),
         ("[metrics]\nport = -1", r"\[metrics\] port: expected int >= 0, got -1$"),
-        ("[supervisor]\nshutdown_timeout_seconds = 0", r"\[supervisor\] shutdown_timeout_seconds: expected float > 0.0, got 0$"),
-        ("[mqtt]\nreconnect_min_seconds = 2.0",
-         r"\[mqtt\] reconnect_max_seconds: expected >= reconnect_min_seconds \(2\), got 0.5$"),
+        (
+            "[supervisor]\nshutdown_timeout_seconds = 0",
+            r"\[supervisor\] shutdown_timeout_seconds: expected float > 0.0, got 0$",
+        ),
+        (
+            "[mqtt]\nreconnect_min_seconds = 2.0",
+            r"\[mqtt\] reconnect_max_seconds: expected >= reconnect_min_seconds \(2\), got 0.5$",
+        ),
         ('[workers.echo]\ntopics = "a/b"\nout = "x"', r'\[workers.echo\] topics: expected array, got "a/b"$'),
         ('[workers.echo]\ntopics = ["a"]', r"\[workers.echo\] out: missing required key$"),
-        ('[workers.echo]\ntopics = ["a"]\nout = "x"\nrestart = "sometimes"',
-         r'\[workers.echo\] restart: expected one of "permanent", "temporary", "transient", got "sometimes"$'),
-        ('[workers.echo]\ntopics = ["a"]\nout = "x"\nmax_restarts = -1', r"\[workers.echo\] max_restarts: expected int >= 0, got -1$"),
+        (
+            '[workers.echo]\ntopics = ["a"]\nout = "x"\nrestart = "sometimes"',
+            r'\[workers.echo\] restart: expected one of "permanent", "temporary", "transient", got "sometimes"$',
+        ),
+        (
+            '[workers.echo]\ntopics = ["a"]\nout = "x"\nmax_restarts = -1',
+            r"\[workers.echo\] max_restarts: expected int >= 0, got -1$",
+        ),
     ],
 )
 def test_wrong_value_names_the_key_what_was_expected_and_what_was_found(
@@ -118,14 +150,20 @@ def test_wrong_value_names_the_key_what_was_expected_and_what_was_found(
 
 
 def test_unknown_worker_lists_the_workers_found(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"config.toml: \[workers.scrapper\]: no worker named 'scrapper'; "
-                                          r"workers found: broken_start, echo$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config.toml: \[workers.scrapper\]: no worker named 'scrapper'; "
+        r"workers found: broken_start, echo$",
+    ):
         load(tmp_path, "[workers.scrapper]\n")
 
 
 def test_a_worker_can_run_twice_under_two_names(tmp_path: Path) -> None:
-    settings = load(tmp_path, '[workers.left]\nworker = "echo"\ntopics = ["a"]\nout = "l"\n'
-                              '[workers.right]\nworker = "echo"\ntopics = ["b"]\nout = "r"\n')
+    settings = load(
+        tmp_path,
+        '[workers.left]\nworker = "echo"\ntopics = ["a"]\nout = "l"\n'
+        '[workers.right]\nworker = "echo"\ntopics = ["b"]\nout = "r"\n',
+    )
     assert [(w.name, w.worker_class.name) for w in settings.workers] == [("left", "echo"), ("right", "echo")]
     assert [w.config.out for w in settings.workers] == ["l", "r"]  # type: ignore[attr-defined]
 
@@ -145,9 +183,16 @@ def test_supervision_keys_are_split_from_the_worker_config(tmp_path: Path) -> No
 
 
 def test_environment_overrides_the_broker_address_and_credentials(tmp_path: Path) -> None:
-    settings = load(tmp_path, '[mqtt]\nhost = "file-host"\nport = 1\nusername = "file-user"\n',
-                    {"MQTT_BROKER_HOST": "env-host", "MQTT_BROKER_PORT": "8883", "MQTT_USERNAME": "env-user",
-                     "MQTT_PASSWORD": "env-secret"})
+    settings = load(
+        tmp_path,
+        '[mqtt]\nhost = "file-host"\nport = 1\nusername = "file-user"\n',
+        {
+            "MQTT_BROKER_HOST": "env-host",
+            "MQTT_BROKER_PORT": "8883",
+            "MQTT_USERNAME": "env-user",
+            "MQTT_PASSWORD": "env-secret",
+        },
+    )
     assert (settings.mqtt.host, settings.mqtt.port, settings.mqtt.username) == ("env-host", 8883, "env-user")
     assert settings.password is not None and settings.password.reveal() == "env-secret"
 
@@ -171,7 +216,9 @@ def test_password_from_a_file_drops_the_trailing_newline(tmp_path: Path) -> None
 
 
 def test_missing_password_sources_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"config.toml: \[mqtt\] password_env: the environment variable NOPE is not set$"):
+    with pytest.raises(
+        ConfigError, match=r"config.toml: \[mqtt\] password_env: the environment variable NOPE is not set$"
+    ):
         load(tmp_path, '[mqtt]\npassword_env = "NOPE"\n')
     with pytest.raises(ConfigError, match=r"config.toml: \[mqtt\] password_file: cannot read /no/such: No such file"):
         load(tmp_path, '[mqtt]\npassword_file = "/no/such"\n')

@@ -59,10 +59,15 @@ def test_the_shipped_and_test_packages_are_discovered() -> None:
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        (GOOD.format(name="Bad Name"), r"\.W: name: expected a lower-case identifier like 'scraper', got 'Bad Name'$"),
+        (
+            GOOD.format(name="Bad Name"),
+            r"\.W: name: expected a lower-case identifier like 'scraper', got 'Bad Name'$",
+        ),
         (GOOD.format(name="ok").replace('"""A worker."""', "pass"), r"\.W: a worker needs a docstring"),
-        (GOOD.format(name="ok").replace("forbid_unknown_fields=True", ""),
-         r"\.W: Config: expected a msgspec.Struct with forbid_unknown_fields=True"),
+        (
+            GOOD.format(name="ok").replace("forbid_unknown_fields=True", ""),
+            r"\.W: Config: expected a msgspec.Struct with forbid_unknown_fields=True",
+        ),
         ("import not_a_module_anywhere", r": cannot import worker module: ModuleNotFoundError: "),
     ],
 )

@@ -37,8 +37,12 @@ def test_matches_follows_mqtt(topic_filter: str, topic: str, expected: bool) -> 
 
 @pytest.mark.parametrize(
     ("topic_filter", "reason"),
-    [("a/#/b", "'#' must be the last level"), ("a/b#", "a wildcard must fill its whole level, not 'b#'"),
-     ("a+/b", "a wildcard must fill its whole level, not 'a+'"), ("", "it is empty")],
+    [
+        ("a/#/b", "'#' must be the last level"),
+        ("a/b#", "a wildcard must fill its whole level, not 'b#'"),
+        ("a+/b", "a wildcard must fill its whole level, not 'a+'"),
+        ("", "it is empty"),
+    ],
 )
 def test_invalid_filters_are_rejected(topic_filter: str, reason: str) -> None:
     expected = re.escape(f"invalid topic filter '{topic_filter}': {reason}")
@@ -69,9 +73,17 @@ def test_each_route_names_the_first_filter_its_worker_matched() -> None:
 @pytest.mark.parametrize(
     ("wide", "narrow", "expected"),
     [
-        ("a/#", "a/+/c", True), ("#", "a/b", True), ("a/+", "a/b", True), ("a/+", "a/+", True),
-        ("a/b", "a/+", False), ("a/+", "a/#", False), ("a/+/c", "a/b/+", False), ("#", "$SYS/x", False),
-        ("a/#", "a", True), ("a/b", "a/b/c", False), ("$share/g/a/#", "a/b", True),
+        ("a/#", "a/+/c", True),
+        ("#", "a/b", True),
+        ("a/+", "a/b", True),
+        ("a/+", "a/+", True),
+        ("a/b", "a/+", False),
+        ("a/+", "a/#", False),
+        ("a/+/c", "a/b/+", False),
+        ("#", "$SYS/x", False),
+        ("a/#", "a", True),
+        ("a/b", "a/b/c", False),
+        ("$share/g/a/#", "a/b", True),
     ],
 )
 def test_covers(wide: str, narrow: str, expected: bool) -> None:

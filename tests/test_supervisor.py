@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Broker, MqttProbe, SupervisorFactory, SupervisorProcess, descendants, process_gone, wait_until
+from conftest import (
+    Broker,
+    MqttProbe,
+    SupervisorFactory,
+    SupervisorProcess,
+    descendants,
+    process_gone,
+    wait_until,
+)
 
 
 def echo(prefix: str, name: str = "echo", topics: list[str] | None = None, **extra: Any) -> dict[str, Any]:
@@ -19,8 +27,12 @@ def echo(prefix: str, name: str = "echo", topics: list[str] | None = None, **ext
     return table
 
 
-def start(supervisors: SupervisorFactory, mqtt: MqttProbe, workers: dict[str, dict[str, Any]],
-          tables: dict[str, dict[str, Any]] | None = None) -> SupervisorProcess:
+def start(
+    supervisors: SupervisorFactory,
+    mqtt: MqttProbe,
+    workers: dict[str, dict[str, Any]],
+    tables: dict[str, dict[str, Any]] | None = None,
+) -> SupervisorProcess:
     """Start a supervisor and wait until it is online and every echo worker has announced its pid."""
     mqtt.subscribe(f"{supervisors.prefix}/#")
     process = supervisors.start(workers, **(tables or {}))
@@ -64,8 +76,13 @@ def test_worker_receives_what_it_subscribed_to_and_its_publications_reach_the_br
     start(supervisors, mqtt, {"echo": echo(prefix, qos=1)})
     mqtt.publish(f"{prefix}/in/a/b", "hello")
     reply = wait_echo(mqtt, f"{prefix}/out/echo", "hello")
-    assert reply == {"worker": "echo", "topic": f"{prefix}/in/a/b", "payload": "hello", "attempt": 1,
-                     "pid": started_pids(mqtt, f"{prefix}/out/echo")[0]}
+    assert reply == {
+        "worker": "echo",
+        "topic": f"{prefix}/in/a/b",
+        "payload": "hello",
+        "attempt": 1,
+        "pid": started_pids(mqtt, f"{prefix}/out/echo")[0],
+    }
     mqtt.publish(f"{prefix}/elsewhere", "not for echo")
     mqtt.publish(f"{prefix}/in/c", "marker")
     wait_echo(mqtt, f"{prefix}/out/echo", "marker")
@@ -75,10 +92,14 @@ def test_worker_receives_what_it_subscribed_to_and_its_publications_reach_the_br
 def test_wildcards_route_each_message_to_every_matching_worker(
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
 ) -> None:
-    start(supervisors, mqtt, {
-        "lights": echo(prefix, "lights", [f"{prefix}/in/+/light"]),
-        "all": echo(prefix, "all", [f"{prefix}/in/#"]),
-    })
+    start(
+        supervisors,
+        mqtt,
+        {
+            "lights": echo(prefix, "lights", [f"{prefix}/in/+/light"]),
+            "all": echo(prefix, "all", [f"{prefix}/in/#"]),
+        },
+    )
     mqtt.publish(f"{prefix}/in/kitchen/door", "door")
     mqtt.publish(f"{prefix}/in/kitchen/light", "light")
     wait_echo(mqtt, f"{prefix}/out/lights", "light")
@@ -91,11 +112,16 @@ def test_wildcards_route_each_message_to_every_matching_worker(
 def test_worker_to_worker_publications_arrive_once_and_local_only_stays_local(
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, protocol: int
 ) -> None:
-    start(supervisors, mqtt, {
-        "sender": echo(prefix, "sender", [f"{prefix}/in/sender"]),
-        "quiet": echo(prefix, "quiet", [f"{prefix}/in/quiet"], local_only=True),
-        "listener": echo(prefix, "listener", [f"{prefix}/bus/#"]),
-    }, {"mqtt": {"protocol": protocol}})
+    start(
+        supervisors,
+        mqtt,
+        {
+            "sender": echo(prefix, "sender", [f"{prefix}/in/sender"]),
+            "quiet": echo(prefix, "quiet", [f"{prefix}/in/quiet"], local_only=True),
+            "listener": echo(prefix, "listener", [f"{prefix}/bus/#"]),
+        },
+        {"mqtt": {"protocol": protocol}},
+    )
     mqtt.publish(f"{prefix}/in/sender", f"forward:{prefix}/bus/shared")
     mqtt.publish(f"{prefix}/in/quiet", f"forward:{prefix}/bus/private")
     mqtt.wait_for(f"{prefix}/bus/shared")
@@ -131,8 +157,11 @@ def test_kill_9_of_the_supervisor_publishes_the_will_and_leaves_no_worker(
     children = descendants(process.pid)
     process.signal(signal.SIGKILL)
     mqtt.wait_for(f"{supervisors.base}/availability", lambda m: m.text == "offline")
-    wait_until(lambda: all(process_gone(pid) for pid in children), 5,
-               f"the worker processes {children} to exit after the supervisor died")
+    wait_until(
+        lambda: all(process_gone(pid) for pid in children),
+        5,
+        f"the worker processes {children} to exit after the supervisor died",
+    )
 
 
 # Supervision --------------------------------------------------------------------------------------------------------
@@ -184,7 +213,11 @@ def test_a_poison_message_is_dead_lettered_and_the_rest_flows(
     (letter,) = mqtt.wait_for(f"{supervisors.base}/dead_letter")
     record = letter.json()
     assert {k: record[k] for k in ("worker", "topic", "payload", "attempts")} == {
-        "worker": "echo", "topic": f"{prefix}/in/poison", "payload": "crash", "attempts": 2}
+        "worker": "echo",
+        "topic": f"{prefix}/in/poison",
+        "payload": "crash",
+        "attempts": 2,
+    }
     assert record["last_exit"] == "exit code 9 (exit)"
     assert wait_echo(mqtt, f"{prefix}/out/echo", "after the poison")["attempt"] == 1
 
@@ -212,10 +245,14 @@ def test_a_worker_that_stops_heartbeating_is_killed_and_restarted(
 def test_a_crash_looping_worker_is_marked_failed_and_the_others_go_on(
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
 ) -> None:
-    process = start(supervisors, mqtt, {
-        "broken_start": {"max_restarts": 2, "backoff_min_seconds": 0.05},
-        "echo": echo(prefix),
-    })
+    process = start(
+        supervisors,
+        mqtt,
+        {
+            "broken_start": {"max_restarts": 2, "backoff_min_seconds": 0.05},
+            "echo": echo(prefix),
+        },
+    )
     process.wait_log("worker broken_start failed: more than 2 restarts in 60 s (last: exit code 3 (start_failed))")
     assert process.log().count("worker broken_start starting") == 3
     mqtt.publish(f"{prefix}/in/x", "unaffected")
@@ -227,8 +264,7 @@ def test_a_significant_worker_that_fails_stops_the_supervisor_with_exit_1(
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
 ) -> None:
     mqtt.subscribe(f"{prefix}/#")
-    process = supervisors.start({"broken_start": {"max_restarts": 1, "backoff_min_seconds": 0.05,
-                                                   "significant": True}})
+    process = supervisors.start({"broken_start": {"max_restarts": 1, "backoff_min_seconds": 0.05, "significant": True}})
     assert process.wait() == 1
     assert "worker broken_start is significant: stopping the supervisor" in process.log()
     mqtt.wait_for(f"{supervisors.base}/availability", lambda m: m.text == "offline")
@@ -256,9 +292,7 @@ def test_broker_restart_on_the_same_port_resumes_the_flow_and_birth(
     assert retained(broker, f"{supervisors.base}/availability") == "online"
 
 
-def test_a_broker_that_is_down_at_boot_is_retried(
-    supervisors: SupervisorFactory, broker: Broker, prefix: str
-) -> None:
+def test_a_broker_that_is_down_at_boot_is_retried(supervisors: SupervisorFactory, broker: Broker, prefix: str) -> None:
     broker.stop()
     process = supervisors.start({"echo": echo(prefix)})
     process.wait_log("cannot reach the broker at 127.0.0.1:")

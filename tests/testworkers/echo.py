@@ -58,9 +58,18 @@ class Echo(Worker[EchoConfig]):
         if text.startswith("sleep:"):
             time.sleep(float(text.removeprefix("sleep:")))
         if text.startswith("forward:"):
-            ctx.publish(text.removeprefix("forward:"), f"from {ctx.name}", qos=self.config.qos,
-                        local_only=self.config.local_only)
+            ctx.publish(
+                text.removeprefix("forward:"),
+                f"from {ctx.name}",
+                qos=self.config.qos,
+                local_only=self.config.local_only,
+            )
             return
-        reply = {"worker": ctx.name, "topic": message.topic, "payload": text, "attempt": message.attempt,
-                 "pid": os.getpid()}
+        reply = {
+            "worker": ctx.name,
+            "topic": message.topic,
+            "payload": text,
+            "attempt": message.attempt,
+            "pid": os.getpid(),
+        }
         ctx.publish(f"{self.config.out}/echo", json.dumps(reply), qos=self.config.qos)
