@@ -31,6 +31,7 @@ _MISC_INTERVAL = 1.0
 _MAX_READS_PER_WAKEUP = 10_000
 _REPEAT_LOG_SECONDS = 60.0
 _MAX_QUEUED_PUBLICATIONS = 10_000
+_STABLE_CONNECTION_SECONDS = 10.0
 
 
 class Incoming(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,6 +74,8 @@ class MqttLink:
         self._connect_deadline: TimerHandle | None = None
         self._ever_connected = False
         self._last_problem: tuple[str, float] | None = None
+        self._quiet = False  # the last problem was a repeat, logged at debug level only
+        self._connected_at = 0.0
         self._expiry_properties: dict[int, Properties] = {}
         self._v5 = config.protocol == 5
         self._client = self._build_client(password)
@@ -199,8 +202,12 @@ class MqttLink:
         self._retry = self.loop.call_later(delay, self._connect)
 
     def _problem(self, text: str) -> None:
-        """Log a connection problem: at once when it is new, then at most once a minute while it lasts."""
+        """Log a connection problem: at once when it is new, then at most once a minute while it lasts.
+
+        The problem counts as over once a connection has stayed up for a while (see `_misc`).
+        """
         now = self.loop.clock()
+        self._quiet = False
         if self._last_problem is None or self._last_problem[0] != text:
             log.warning(
                 "%s; retrying every %g-%g s",
@@ -210,6 +217,7 @@ class MqttLink:
             )
         elif now - self._last_problem[1] < _REPEAT_LOG_SECONDS:
             log.debug("%s", text)
+            self._quiet = True
             return
         else:
             log.warning("still: %s", text)
@@ -252,6 +260,8 @@ class MqttLink:
         self._client.loop_write()
 
     def _misc(self) -> None:
+        if self.connected and self.loop.clock() - self._connected_at >= _STABLE_CONNECTION_SECONDS:
+            self._last_problem = None
         self._client.loop_misc()
         self.loop.call_later(_MISC_INTERVAL, self._misc)
 
@@ -281,18 +291,19 @@ class MqttLink:
         if reason.is_failure:
             self._problem(f"the broker at {self.config.host}:{self.config.port} refused the connection: {reason}")
             return  # the broker closes the connection; _on_disconnect schedules the retry
-        log.info(
+        log.log(
+            logging.DEBUG if self._quiet else logging.INFO,
             "connected to %s:%d (session present: %s)",
             self.config.host,
             self.config.port,
             flags.session_present,
         )
         self.connected = True
+        self._connected_at = self.loop.clock()
         if self._ever_connected:
             self.reconnects += 1
         self._ever_connected = True
         self._delay = self.config.reconnect_min_seconds
-        self._last_problem = None
         client.publish(self.config.availability_topic, self.config.birth_payload.encode(), qos=1, retain=True)
         self._send_subscriptions()
         self.listener.link_connected(flags.session_present)
@@ -303,7 +314,10 @@ class MqttLink:
         was_connected, self.connected = self.connected, False
         if was_connected:
             if not self._stopping:
-                log.warning("disconnected from the broker: %s", reason)
+                text = f"disconnected from the broker: {reason}"
+                if self.loop.clock() - self._connected_at < _STABLE_CONNECTION_SECONDS:
+                    text += f" soon after connecting (is another client using client id {self.config.client_id!r}?)"
+                self._problem(text)
             self.listener.link_disconnected(str(reason))
         self._schedule_reconnect()
 

@@ -83,7 +83,7 @@ def descendants(pid: int) -> list[int]:
 class Broker:
     """A real mosquitto on a fixed free loopback port; can be stopped and started again on the same port."""
 
-    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, access: str = "allow_anonymous true\n") -> None:
         if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
             raise RuntimeError("mosquitto is not installed: `make test` installs it, or apt-get install mosquitto")
         self.executable = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -91,7 +91,7 @@ class Broker:
         self.workdir = workdir
         self.config = workdir / "mosquitto.conf"
         template = (TESTS / "mosquitto.conf").read_text()
-        self.config.write_text(template.format(port=self.port, user=getpass.getuser()) + extra_config)
+        self.config.write_text(template.format(port=self.port, user=getpass.getuser()) + access)
         self.log = workdir / "mosquitto.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -174,13 +174,16 @@ class Received:
 class MqttProbe:
     """A plain paho client (with its own loop thread) that records everything it receives."""
 
-    def __init__(self, port: int, protocol: int = paho.MQTTv5) -> None:
+    def __init__(self, port: int, protocol: int = paho.MQTTv5, username: str | None = None,
+                 password: str | None = None) -> None:
         self.messages: list[Received] = []
         self._lock = threading.Condition()
         self.client = paho.Client(
             paho.CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}", protocol=protocol
         )
         self.client.on_message = self._on_message
+        if username:
+            self.client.username_pw_set(username, password)
         self._connected = threading.Event()
         self.client.on_connect = lambda *a: self._connected.set()
         self.client.connect("127.0.0.1", port)
@@ -367,9 +370,14 @@ class SupervisorFactory:
         path.write_text(toml(document))
         return path
 
-    def start(self, workers: dict[str, dict[str, Any]] | None = None, **tables: dict[str, Any]) -> SupervisorProcess:
+    def start(
+        self,
+        workers: dict[str, dict[str, Any]] | None = None,
+        environment: dict[str, str] | None = None,
+        **tables: dict[str, Any],
+    ) -> SupervisorProcess:
         path = self.config(workers or {}, **tables)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")} | (environment or {})
         env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT)])
         process = SupervisorProcess(path, self.tmp_path / f"supervisor-{len(self.started)}.log", env)
         self.started.append(process)

@@ -306,3 +306,21 @@ def test_a_broker_that_is_down_at_boot_is_retried(supervisors: SupervisorFactory
     finally:
         probe.close()
     assert process.log().count("cannot reach the broker") == 1  # logged once, not once per attempt
+
+
+# Environment --------------------------------------------------------------------------------------------------------
+
+
+def test_workers_never_see_the_service_managers_variables(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    mqtt.subscribe(f"{prefix}/#")
+    supervisors.start(
+        {"echo": echo(prefix)},
+        environment={"NOTIFY_SOCKET": "/run/nowhere", "WATCHDOG_USEC": "1000000", "SUPERVISOR_TEST_VAR": "kept"},
+    )
+    mqtt.wait_for(f"{prefix}/out/echo/started")
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "SUPERVISOR_TEST_VAR"):
+        mqtt.publish(f"{prefix}/in/x", f"env:{name}")
+    replies = mqtt.wait_for(f"{prefix}/out/echo/env", count=3)
+    assert [r.text for r in replies] == ["<unset>", "<unset>", "kept"]

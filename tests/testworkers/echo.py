@@ -4,7 +4,8 @@ Consumes: every topic in `topics`. Produces: `<out>/started` (its pid) on start,
 on `<out>/echo` unless the payload is a command: `crash` exits the process at once, `crash_once:<path>` does so only if
 `<path>` does not exist yet (creating it first), `raise` raises in the handler,
 `hang` sleeps for an hour, `block` schedules a timer that sleeps for an hour (so heartbeats stop while no message
-is in hand), `sleep:<seconds>` sleeps then replies, `forward:<topic>` publishes to `<topic>`.
+is in hand), `sleep:<seconds>` sleeps then replies, `forward:<topic>` publishes to `<topic>`,
+`env:<NAME>` publishes the worker's environment variable NAME (or `<unset>`) on `<out>/env`.
 Touches nothing outside.
 """
 
@@ -57,6 +58,9 @@ class Echo(Worker[EchoConfig]):
             return
         if text.startswith("sleep:"):
             time.sleep(float(text.removeprefix("sleep:")))
+        if text.startswith("env:"):
+            ctx.publish(f"{self.config.out}/env", os.environ.get(text.removeprefix("env:"), "<unset>"), qos=1)
+            return
         if text.startswith("forward:"):
             ctx.publish(
                 text.removeprefix("forward:"),
