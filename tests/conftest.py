@@ -174,8 +174,14 @@ class Received:
 class MqttProbe:
     """A plain paho client (with its own loop thread) that records everything it receives."""
 
-    def __init__(self, port: int, protocol: int = paho.MQTTv5, username: str | None = None,
-                 password: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        protocol: int = paho.MQTTv5,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+    ) -> None:
         self.messages: list[Received] = []
         self._lock = threading.Condition()
         self.client = paho.Client(
@@ -184,6 +190,8 @@ class MqttProbe:
         self.client.on_message = self._on_message
         if username:
             self.client.username_pw_set(username, password)
+        if ca_file:
+            self.client.tls_set(ca_certs=ca_file)
         self._connected = threading.Event()
         self.client.on_connect = lambda *a: self._connected.set()
         self.client.connect("127.0.0.1", port)

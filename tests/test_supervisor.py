@@ -324,3 +324,40 @@ def test_workers_never_see_the_service_managers_variables(
         mqtt.publish(f"{prefix}/in/x", f"env:{name}")
     replies = mqtt.wait_for(f"{prefix}/out/echo/env", count=3)
     assert [r.text for r in replies] == ["<unset>", "<unset>", "kept"]
+
+
+def test_a_worker_that_overruns_its_shutdown_timeout_is_terminated_and_the_exit_is_still_clean(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, broker: Broker, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix, shutdown_timeout_seconds=0.5)})
+    mqtt.publish(f"{prefix}/in/x", "sleep:60")
+    mqtt.publish(f"{prefix}/in/x", "sleep:0")  # queued behind the sleeper: proof the first one is in its handler
+    children = descendants(process.pid)
+    process.signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0
+    assert "worker echo did not stop in time; terminating pid" in process.log()
+    assert "worker echo stopped: killed by SIGTERM" in process.log()
+    assert retained(broker, f"{supervisors.base}/availability") == "offline"
+    wait_until(lambda: all(process_gone(pid) for pid in children), 5, "every worker process to be gone")
+
+
+# Message expiry -----------------------------------------------------------------------------------------------------
+
+
+def test_events_carry_the_default_message_expiry_under_mqtt_5(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)}, {"mqtt": {"message_expiry_seconds": 120}})
+    mqtt.publish(f"{prefix}/in/x", "expiring")
+    mqtt.wait_for(f"{prefix}/out/echo/echo")
+    (reply,) = mqtt.received(f"{prefix}/out/echo/echo")
+    assert reply.expiry is not None and 110 <= reply.expiry <= 120
+    availability = mqtt.received(f"{supervisors.base}/availability")[0]
+    assert availability.expiry is None  # retained state does not expire
+
+
+def test_no_expiry_is_sent_under_mqtt_311(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)}, {"mqtt": {"protocol": 311}})
+    mqtt.publish(f"{prefix}/in/x", "plain")
+    (reply,) = mqtt.wait_for(f"{prefix}/out/echo/echo")
+    assert reply.expiry is None

@@ -1,0 +1,175 @@
+"""Security: a broker that requires a password (from the environment or a file), a refused connection reported with
+the broker's reason once while the supervisor keeps retrying, and TLS with the broker's certificate checked."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Broker, MqttProbe, SupervisorFactory
+
+USER, PASSWORD = "alice", "s3cret"
+
+
+@pytest.fixture(scope="module")
+def auth_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    workdir = tmp_path_factory.mktemp("auth-broker")
+    passwords = workdir / "passwords"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), USER, PASSWORD], check=True)
+    broker = Broker(workdir, access=f"allow_anonymous false\npassword_file {passwords}\n")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def auth_supervisors(tmp_path: Path, auth_broker: Broker, prefix: str) -> Iterator[SupervisorFactory]:
+    factory = SupervisorFactory(tmp_path, auth_broker, prefix)
+    yield factory
+    for process in factory.started:
+        process.cleanup()
+
+
+@pytest.fixture
+def auth_probe(auth_broker: Broker) -> Iterator[MqttProbe]:
+    probe = MqttProbe(auth_broker.port, username=USER, password=PASSWORD)
+    yield probe
+    probe.close()
+
+
+def test_password_from_an_environment_variable_connects(
+    auth_supervisors: SupervisorFactory, auth_probe: MqttProbe
+) -> None:
+    auth_probe.subscribe(f"{auth_supervisors.base}/availability")
+    auth_supervisors.start(
+        mqtt={"username": USER, "password_env": "SUP_PASSWORD"}, environment={"SUP_PASSWORD": PASSWORD}
+    )
+    auth_probe.wait_for(f"{auth_supervisors.base}/availability", lambda m: m.text == "online")
+
+
+def test_password_from_a_file_connects(
+    auth_supervisors: SupervisorFactory, auth_probe: MqttProbe, tmp_path: Path
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    auth_probe.subscribe(f"{auth_supervisors.base}/availability")
+    auth_supervisors.start(mqtt={"username": USER, "password_file": str(secret)})
+    auth_probe.wait_for(f"{auth_supervisors.base}/availability", lambda m: m.text == "online")
+
+
+def test_a_wrong_password_is_reported_with_the_brokers_reason_once_and_never_logged(
+    auth_supervisors: SupervisorFactory,
+) -> None:
+    process = auth_supervisors.start(environment={"MQTT_USERNAME": USER, "MQTT_PASSWORD": "wrong-password"})
+    process.wait_log("refused the connection: Not authorized", count=3)  # it keeps retrying ...
+    log = process.log()
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "refused the connection" in line]
+    assert len(warnings) == 1  # ... but warns once; the repeats go to the debug level
+    assert "wrong-password" not in log
+    assert process.process.poll() is None  # still running, still retrying
+
+
+def make_certificates(directory: Path) -> None:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    )
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"
+    )
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    )
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other-ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=some-other-ca",
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    workdir = tmp_path_factory.mktemp("tls-broker")
+    make_certificates(workdir)
+    broker = Broker(
+        workdir,
+        access=(
+            f"allow_anonymous true\ncafile {workdir / 'ca.crt'}\n"
+            f"certfile {workdir / 'server.crt'}\nkeyfile {workdir / 'server.key'}\n"
+        ),
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def tls_supervisors(tmp_path: Path, tls_broker: Broker, prefix: str) -> Iterator[SupervisorFactory]:
+    factory = SupervisorFactory(tmp_path, tls_broker, prefix)
+    yield factory
+    for process in factory.started:
+        process.cleanup()
+
+
+def test_tls_with_the_brokers_ca_connects(tls_supervisors: SupervisorFactory, tls_broker: Broker) -> None:
+    probe = MqttProbe(tls_broker.port, ca_file=str(tls_broker.workdir / "ca.crt"))
+    try:
+        probe.subscribe(f"{tls_supervisors.base}/availability")
+        tls_supervisors.start(mqtt={"tls": {"enabled": True, "ca_file": str(tls_broker.workdir / "ca.crt")}})
+        probe.wait_for(f"{tls_supervisors.base}/availability", lambda m: m.text == "online")
+    finally:
+        probe.close()
+
+
+def test_tls_with_an_untrusted_certificate_is_refused_and_reported(
+    tls_supervisors: SupervisorFactory, tls_broker: Broker
+) -> None:
+    process = tls_supervisors.start(
+        mqtt={"tls": {"enabled": True, "ca_file": str(tls_broker.workdir / "other-ca.crt")}}
+    )
+    process.wait_log("cannot reach the broker at 127.0.0.1:")
+    process.wait_log("CERTIFICATE_VERIFY_FAILED")
+    assert process.process.poll() is None
