@@ -36,9 +36,10 @@ class SupervisorConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=
     state_dir: str = ""
     shutdown_timeout_seconds: Seconds = 10.0
     worker_packages: list[str] = msgspec.field(default_factory=lambda: ["workers"])
-    # forkserver (default: fast, small) or spawn. Plain fork is not offered: a child would inherit the MQTT
-    # socket, and a worker holding it open keeps the broker from ever sending the will.
-    start_method: Literal["forkserver", "spawn"] = "forkserver"
+    # How worker processes start: "fork" (fastest, smallest: safe here because the supervisor is one thread and
+    # each child releases every descriptor it inherits, the MQTT socket first), "forkserver" (a clean server
+    # process with the worker modules preloaded) or "spawn" (a fresh interpreter per worker; slowest, largest).
+    start_method: Literal["fork", "forkserver", "spawn"] = "fork"
 
 
 class TlsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import gc
 import itertools
 import json
 import logging
@@ -123,20 +124,22 @@ class Supervisor:
         for slot in self.slots.values():
             for subscription in worker_subscriptions(slot.settings):
                 self.router.add(slot.name, [subscription.topic_filter], subscription.qos)
-        self.link.subscribe(self.router.broker_filters(numbered=settings.mqtt.protocol == 5))
+        numbered = settings.mqtt.protocol == 5 and self.router.overlapping()
+        self.link.subscribe(self.router.broker_filters(numbered=numbered), numbered=numbered)
         self.started_at = time.time()
         self.exit_code = 0
         self._ids = itertools.count(1)
         self._stopping = False
         self._deliver_own_publications = settings.mqtt.protocol == 5  # 3.1.1 has no No Local: the broker echoes
         self._context: object = None
+        self._wakeup: tuple[socket.socket, ...] = ()
 
     # Running ------------------------------------------------------------------------------------------------------
 
     def run(self) -> int:
         """Start everything, run until stopped, and return the process exit code."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        wakeup = self._install_signal_handlers()
+        wakeup = self._wakeup = self._install_signal_handlers()
         modules = sorted({"supervisor.runtime"} | {s.settings.worker_class.__module__ for s in self.slots.values()})
         self._context = start_method_context(self.settings.supervisor.start_method, modules)
         for slot in self.slots.values():
@@ -144,13 +147,19 @@ class Supervisor:
         self.link.start()
         self.loop.after_wakeup(self._write_to_workers)
         self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
+        gc.freeze()  # start-up objects leave the collector's view: shorter pauses, pages stay shared with workers
         log.info("supervisor started with workers: %s", ", ".join(self.slots) or "none")
-        while not (self._stopping and all(s.process is None for s in self.slots.values())):
-            self.loop.run_once()
-        self.link.stop()
-        signal.set_wakeup_fd(-1)
-        for sock in wakeup:
-            sock.close()
+        try:
+            while not (self._stopping and all(s.process is None for s in self.slots.values())):
+                self.loop.run_once()
+            self.link.stop()
+        finally:
+            for slot in self.slots.values():  # only after a fatal error are any left
+                if slot.process is not None:
+                    slot.process.kill()
+            signal.set_wakeup_fd(-1)
+            for sock in wakeup:
+                sock.close()
         log.info("supervisor stopped (exit code %d)", self.exit_code)
         return self.exit_code
 
@@ -208,7 +217,8 @@ class Supervisor:
         slot.kill_reason = None
         state_dir = self.settings.state_dir / "workers" / slot.name
         level = logging.getLevelName(log.getEffectiveLevel())
-        process = WorkerProcess(self._context, slot.settings, str(state_dir), level)
+        inherited = [*self.loop.fds(), *(s.fileno() for s in self._wakeup)]
+        process = WorkerProcess(self._context, slot.settings, str(state_dir), level, inherited)
         slot.process = process
         slot.state = WorkerState.STARTING
         slot.last_seen = self.loop.clock()

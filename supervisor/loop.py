@@ -110,5 +110,9 @@ class Loop:
             self._selector.register(fd, events)
             self._callbacks[fd] = callbacks
 
+    def fds(self) -> list[int]:
+        """Every descriptor the loop watches, and the selector's own."""
+        return [*self._callbacks, self._selector.fileno()]
+
     def close(self) -> None:
         self._selector.close()

@@ -8,15 +8,16 @@ maximum, and on every connect the link publishes the birth message and subscribe
 
 from __future__ import annotations
 
+import errno
 import logging
-import select
+import os
 import socket
 import ssl
 from typing import Any, Protocol
 
 import msgspec
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -32,6 +33,98 @@ _MAX_READS_PER_WAKEUP = 10_000
 _REPEAT_LOG_SECONDS = 60.0
 _MAX_QUEUED_PUBLICATIONS = 10_000
 _STABLE_CONNECTION_SECONDS = 10.0
+_READ_CHUNK = 256 * 1024
+_DISCONNECT = 0xE0
+
+
+class _BufferedClient(paho.Client):
+    """paho's client with buffers in front of its socket, to cut system calls per message.
+
+    Reading: paho reads each packet with three or more `recv` calls (command byte, length bytes, body); they are
+    served from one large `recv`. Writing: paho sends each packet with its own `send`; packets are gathered and
+    sent with one `send` per `loop_write`. Bytes not taken by the socket stay queued and keep `want_write` true.
+    Connecting: the TCP connection is made by the supervisor's loop without blocking, then handed to paho.
+    This overrides paho's private `_sock_recv`, `_sock_send`, `_packet_write` and `_create_socket_connection`
+    (unchanged throughout paho-mqtt 2.x, the range pyproject allows); the whole test suite runs through them.
+    """
+
+    _buffer = b""
+    _position = 0
+    _pending: bytearray | None = None
+    _connected_socket: socket.socket | None = None
+
+    def use_connected_socket(self, sock: socket.socket) -> None:
+        """Make the next `reconnect` use `sock`, connected by the supervisor's loop without blocking it."""
+        self._connected_socket = sock
+
+    def _create_socket_connection(self) -> socket.socket:
+        sock, self._connected_socket = self._connected_socket, None
+        if sock is None:
+            return super()._create_socket_connection()
+        sock.settimeout(self.connect_timeout)  # as paho's own sockets, until paho makes it non-blocking
+        return sock
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._pending is None:
+            self._pending = bytearray()
+        if buf[:1] and buf[0] & 0xF0 == _DISCONNECT:
+            self._flush()  # paho closes the socket right after a DISCONNECT: send what is queued first
+            return super()._sock_send(buf)
+        self._pending += buf
+        return len(buf)
+
+    def _packet_write(self) -> MQTTErrorCode:
+        rc = super()._packet_write()
+        if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
+            return rc
+        return self._flush()
+
+    def _flush(self) -> MQTTErrorCode:
+        pending = self._pending
+        while pending:
+            try:
+                sent = super()._sock_send(pending)
+            except BlockingIOError:
+                return paho.MQTT_ERR_AGAIN
+            except OSError:
+                return paho.MQTT_ERR_CONN_LOST
+            del pending[:sent]
+        return paho.MQTT_ERR_SUCCESS
+
+    def want_write(self) -> bool:
+        return super().want_write() or bool(self._pending)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._position >= len(self._buffer):
+            data = super()._sock_recv(_READ_CHUNK)  # raises BlockingIOError when nothing is there
+            if not data:
+                return data
+            self._buffer, self._position = data, 0
+        start = self._position
+        self._position = start + bufsize
+        return self._buffer[start : start + bufsize]
+
+    @property
+    def buffered(self) -> bool:
+        """Bytes already read from the socket that paho has not consumed yet."""
+        return self._position < len(self._buffer)
+
+    def drop_buffers(self) -> None:
+        """Forget what was read or queued on the previous connection."""
+        self._buffer, self._position = b"", 0
+        self._pending = bytearray()
+
+
+class _PackedProperties(Properties):
+    """Publish properties that never change once built, packed once instead of on every publish."""
+
+    _packed: bytes | None = None
+
+    def pack(self) -> bytes:
+        if self._packed is None:  # Properties.__setattr__ only admits MQTT property names
+            object.__setattr__(self, "_packed", super().pack())  # type: ignore[no-untyped-call]
+        assert self._packed is not None
+        return self._packed
 
 
 class Incoming(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,10 +161,12 @@ class MqttLink:
         self.reconnects = 0
         self.publish_errors = 0
         self._subscriptions: list[tuple[str, int, int]] = []
+        self._numbered = False
         self._stopping = False
         self._delay = config.reconnect_min_seconds
         self._retry: TimerHandle | None = None
         self._connect_deadline: TimerHandle | None = None
+        self._connecting: socket.socket | None = None  # a TCP connection under way
         self._ever_connected = False
         self._last_problem: tuple[str, float] | None = None
         self._quiet = False  # the last problem was a repeat, logged at debug level only
@@ -82,13 +177,14 @@ class MqttLink:
 
     # Public API ---------------------------------------------------------------------------------------------------
 
-    def subscribe(self, filters: list[tuple[str, int, int]]) -> None:
+    def subscribe(self, filters: list[tuple[str, int, int]], numbered: bool) -> None:
         """Set the (filter, qos, identifier) subscriptions made on every connect; applied now if connected.
 
-        Under MQTT 5 each filter is subscribed with its identifier (and No Local, except shared subscriptions);
-        under 3.1.1 the identifiers are not sent.
+        Under MQTT 5 the filters are subscribed with No Local (except shared subscriptions), each with its
+        identifier when `numbered`; under 3.1.1 the identifiers are never sent.
         """
         self._subscriptions = list(filters)
+        self._numbered = numbered
         if self.connected:
             self._send_subscriptions()
 
@@ -121,6 +217,9 @@ class MqttLink:
         for timer in (self._retry, self._connect_deadline):
             if timer is not None:
                 timer.cancel()
+        if self._connecting is not None:
+            self._forget_socket(self._connecting)
+            self._connecting.close()
         if not self.connected:
             self._client.disconnect()
             return
@@ -136,9 +235,9 @@ class MqttLink:
 
     # Connecting ---------------------------------------------------------------------------------------------------
 
-    def _build_client(self, password: Secret | None) -> paho.Client:
+    def _build_client(self, password: Secret | None) -> _BufferedClient:
         config = self.config
-        client = paho.Client(
+        client = _BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
@@ -175,31 +274,84 @@ class MqttLink:
         return client
 
     def _connect(self) -> None:
+        """Start a TCP connection without blocking the loop; `_tcp_connected` takes over when it is made."""
         self._retry = None
         if self._stopping:
             return
         try:
-            self._client.reconnect()
-        except (OSError, ssl.SSLError) as exc:
-            self._problem(f"cannot reach the broker at {self.config.host}:{self.config.port}: {exc}")
+            family, kind, protocol, _, address = socket.getaddrinfo(
+                self.config.host, self.config.port, type=socket.SOCK_STREAM
+            )[0]
+            sock = socket.socket(family, kind, protocol)
+        except OSError as exc:
+            self._problem(f"cannot reach the broker at {self._where}: {exc}")
             self._schedule_reconnect()
             return
-        self._connect_deadline = self.loop.call_later(
-            self.config.connect_timeout_seconds + self.config.keepalive_seconds, self._connect_timed_out
-        )
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        if error not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._unreachable(error)
+            return
+        self._connecting = sock
+        self.loop.add_writer(sock, self._tcp_connected)
+        self._connect_deadline = self.loop.call_later(self.config.connect_timeout_seconds, self._connect_timed_out)
+
+    def _tcp_connected(self) -> None:
+        sock, self._connecting = self._connecting, None
+        assert sock is not None
+        self.loop.remove_writer(sock)
+        self._cancel_deadline()
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            sock.close()
+            self._unreachable(error)
+            return
+        self._client.use_connected_socket(sock)
+        try:
+            self._client.reconnect()  # TLS handshake (if any) and CONNECT on the socket just made
+        except (OSError, ssl.SSLError) as exc:
+            self._problem(f"cannot reach the broker at {self._where}: {exc}")
+            self._schedule_reconnect()
+            return
+        self._connect_deadline = self.loop.call_later(self.config.keepalive_seconds, self._connect_timed_out)
+
+    def _unreachable(self, error: int) -> None:
+        self._problem(f"cannot reach the broker at {self._where}: {os.strerror(error)}")
+        # A refused connection (the broker is restarting, or the port is closed) costs a SYN and a RST: retry it at
+        # the shortest interval, so the supervisor is back within reconnect_min_seconds of the broker.
+        self._schedule_reconnect(backoff=error != errno.ECONNREFUSED)
 
     def _connect_timed_out(self) -> None:
         self._connect_deadline = None
-        if not self.connected:
-            self._problem(f"the broker at {self.config.host}:{self.config.port} did not answer CONNECT")
-            self._schedule_reconnect()  # reconnect() closes the silent socket first
+        if self._connecting is not None:
+            self._forget_socket(self._connecting)
+            self._connecting.close()
+            self._connecting = None
+            self._problem(
+                f"the broker at {self._where} did not accept a connection within "
+                f"{self.config.connect_timeout_seconds:g} s"
+            )
+        elif not self.connected:
+            self._problem(f"the broker at {self._where} did not answer CONNECT")
+        self._schedule_reconnect()  # reconnect() closes a silent paho socket first
 
-    def _schedule_reconnect(self) -> None:
+    def _cancel_deadline(self) -> None:
+        if self._connect_deadline is not None:
+            self._connect_deadline.cancel()
+            self._connect_deadline = None
+
+    def _schedule_reconnect(self, backoff: bool = True) -> None:
         if self._stopping or self._retry is not None:
             return
-        delay = self._delay
-        self._delay = min(self._delay * 2, self.config.reconnect_max_seconds)
+        delay = self._delay if backoff else self.config.reconnect_min_seconds
+        if backoff:
+            self._delay = min(self._delay * 2, self.config.reconnect_max_seconds)
         self._retry = self.loop.call_later(delay, self._connect)
+
+    @property
+    def _where(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
 
     def _problem(self, text: str) -> None:
         """Log a connection problem: at once when it is new, then at most once a minute while it lasts.
@@ -229,8 +381,10 @@ class MqttLink:
                 self._check(self._client.subscribe([(f, qos) for f, qos, _ in self._subscriptions])[0])
             return
         for topic_filter, qos, identifier in self._subscriptions:
-            properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
-            properties.SubscriptionIdentifier = identifier
+            properties = None
+            if self._numbered:
+                properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+                properties.SubscriptionIdentifier = identifier
             options = SubscribeOptions(qos=qos, noLocal=not topic_filter.startswith("$share/"))
             self._check(self._client.subscribe(topic_filter, options=options, properties=properties)[0])
 
@@ -241,7 +395,7 @@ class MqttLink:
     def _expiry(self, seconds: int) -> Properties:
         properties = self._expiry_properties.get(seconds)
         if properties is None:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties = _PackedProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             properties.MessageExpiryInterval = seconds
             self._expiry_properties[seconds] = properties
         return properties
@@ -249,11 +403,14 @@ class MqttLink:
     # Driving paho from the loop -----------------------------------------------------------------------------------
 
     def _readable(self) -> None:
-        sock = self._client.socket()
+        """Read and handle every packet that has arrived, including all that the read buffer already holds.
+
+        The buffer must be empty on return: the selector only reports bytes still in the kernel.
+        """
+        client = self._client
+        sock = client.socket()
         for _ in range(_MAX_READS_PER_WAKEUP):
-            if self._client.loop_read() != paho.MQTT_ERR_SUCCESS or sock is not self._client.socket():
-                return
-            if not _has_more(sock):
+            if client.loop_read() != paho.MQTT_ERR_SUCCESS or sock is not client.socket() or not client.buffered:
                 return
 
     def _writable(self) -> None:
@@ -272,6 +429,7 @@ class MqttLink:
     # paho callbacks: translate and hand over ---------------------------------------------------------------------
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._client.drop_buffers()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # paho leaves Nagle on: ms per round trip
         self.loop.add_reader(sock, self._readable)
 
@@ -285,9 +443,7 @@ class MqttLink:
         self.loop.remove_writer(sock)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
-        if self._connect_deadline is not None:
-            self._connect_deadline.cancel()
-            self._connect_deadline = None
+        self._cancel_deadline()
         if reason.is_failure:
             self._problem(f"the broker at {self.config.host}:{self.config.port} refused the connection: {reason}")
             return  # the broker closes the connection; _on_disconnect schedules the retry
@@ -343,11 +499,3 @@ class MqttLink:
                 subscription_ids=tuple(getattr(properties, "SubscriptionIdentifier", ())),
             )
         self.listener.message_received(incoming)
-
-
-def _has_more(sock: Any) -> bool:
-    """True when `sock` has more bytes to read right now (TLS may hold decrypted bytes the kernel cannot see)."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    readable, _, _ = select.select([sock], [], [], 0)
-    return bool(readable)

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,11 @@ def start_method_context(method: str, preload: list[str]) -> Any:
     """The multiprocess context for `method`; a forkserver preloads `preload` (the runtime and worker modules).
 
     systemd's variables are removed from this process's environment first, so no worker inherits them.
+
+    Under "fork" a worker starts as a copy of the supervisor. That is safe only because the supervisor runs one
+    thread (no lock can be held by a thread that does not exist in the child; `WorkerProcess` checks) and because
+    the child releases every descriptor the supervisor passes it before running any worker code: a worker holding
+    the MQTT socket open would keep the broker from ever sending the will.
     """
     import multiprocess
 
@@ -62,7 +68,19 @@ class ExitStatus:
 class WorkerProcess:
     """One running incarnation of a worker."""
 
-    def __init__(self, context: Any, settings: WorkerSettings, state_dir: str, log_level: str) -> None:
+    def __init__(
+        self, context: Any, settings: WorkerSettings, state_dir: str, log_level: str, inherited: list[int]
+    ) -> None:
+        """Start the worker. `inherited`: the supervisor's descriptors, which a forked child must release."""
+        ours, theirs = socket.socketpair()
+        forked = context.get_start_method() == "fork"
+        if forked and threading.active_count() > 1:
+            ours.close()
+            theirs.close()
+            raise RuntimeError(
+                f"cannot fork worker {settings.name}: the supervisor runs {threading.active_count()} threads, "
+                "and forking a threaded process can leave the child with locks nobody will release"
+            )
         cls = settings.worker_class
         spec = runtime.WorkerSpec(
             name=settings.name,
@@ -72,8 +90,8 @@ class WorkerProcess:
             state_dir=state_dir,
             log_level=log_level,
             heartbeat_seconds=min(1.0, settings.supervision.heartbeat_timeout_seconds / 4),
+            release_fds=[*inherited, ours.fileno()] if forked else [],
         )
-        ours, theirs = socket.socketpair()
         self.process = context.Process(target=runtime.run, args=(spec, theirs), name=f"worker-{settings.name}")
         try:
             self.process.start()

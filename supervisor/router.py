@@ -6,8 +6,9 @@ starting with `$` are not matched by a filter that starts with a wildcard. A sha
 
 A broker sends one copy of a message for every subscription of ours it matches. Each filter therefore has a number
 (sent as the MQTT 5 subscription identifier), and each route names the one filter through which its worker takes a
-topic: a copy goes to a worker only when it carries that filter's number. Under MQTT 3.1.1 there are no
-identifiers, so `broker_filters` leaves out filters that another filter covers.
+topic: a copy goes to a worker only when it carries that filter's number. Numbers are only needed (and only sent)
+when two filters overlap. Under MQTT 3.1.1 there are no identifiers, so `broker_filters` leaves out filters that
+another filter covers.
 """
 
 from __future__ import annotations
@@ -53,6 +54,25 @@ def covers(wide: str, narrow: str) -> bool:
         if index >= len(b) or b[index] == "#" or (level != "+" and (level != b[index] or b[index] == "+")):
             return False
     return len(a) == len(b)
+
+
+def overlap(first: str, second: str) -> bool:
+    """True when some topic matches both filters."""
+    a, b = _levels(first), _levels(second)
+    if a[0].startswith("$") != b[0].startswith("$"):
+        wild = a[0] if b[0].startswith("$") else b[0]
+        if wild in ("+", "#"):
+            return False
+    for index in range(max(len(a), len(b))):
+        if index >= len(a) or index >= len(b):
+            longer = a if len(a) > len(b) else b
+            return longer[index] == "#"  # 'x/#' also matches 'x'
+        p, q = a[index], b[index]
+        if "#" in (p, q):
+            return True
+        if "+" not in (p, q) and p != q:
+            return False
+    return True
 
 
 def _levels(topic_filter: str) -> list[str]:
@@ -106,6 +126,11 @@ class Router:
     def workers(self, topic: str) -> list[str]:
         """The workers subscribed to `topic`."""
         return [worker for worker, _ in self.route(topic)]
+
+    def overlapping(self) -> bool:
+        """True when two different filters can match one topic (so the broker may send one message twice)."""
+        filters = list(self._filters)
+        return any(overlap(f, g) for i, f in enumerate(filters) for g in filters[i + 1 :])
 
     def broker_filters(self, numbered: bool) -> list[tuple[str, int, int]]:
         """(filter, qos, number) to subscribe to: every filter when `numbered`, else only those no other covers."""

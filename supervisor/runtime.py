@@ -13,7 +13,9 @@ Failure policy (written here because it is implemented here):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import heapq
 import importlib
 import itertools
@@ -58,12 +60,15 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     state_dir: str
     log_level: str
     heartbeat_seconds: float
+    release_fds: list[int] = msgspec.field(default_factory=list)  # the supervisor's, inherited through fork
 
 
 def run(spec: WorkerSpec, sock: Any) -> None:
     """Entry point of a worker process (the target passed to multiprocess)."""
+    _release(spec.release_fds)
+    _reset_signals()
+    gc.freeze()  # what this process inherited is never collected here, so its pages stay shared with the parent
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the supervisor stops us
     logging.basicConfig(
         level=spec.log_level,
         format=f"%(asctime)s %(levelname)s worker {spec.name}[%(process)d] %(name)s: %(message)s",
@@ -80,8 +85,30 @@ def run(spec: WorkerSpec, sock: Any) -> None:
     sys.exit(code)
 
 
+def _release(fds: list[int]) -> None:
+    """Let go of descriptors inherited from the supervisor (its MQTT socket, its selector, other workers' pipes).
+
+    Each is pointed at /dev/null rather than closed, so that its number stays taken: the inherited Python objects
+    that wrap these numbers can then never close a file this worker opens later under the same number.
+    """
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd)
+    os.close(null)
+
+
+def _reset_signals() -> None:
+    """Signal handling of a worker: SIGTERM ends it, SIGINT (Ctrl-C reaches the whole group) is the supervisor's."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL us when our parent (the forkserver, or the supervisor under spawn) dies."""
+    """Ask Linux to SIGKILL us when our parent (the supervisor, or the forkserver) dies."""
     parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

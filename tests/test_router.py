@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from supervisor.router import InvalidTopicFilter, Router, check_filter, covers, matches
+from supervisor.router import InvalidTopicFilter, Router, check_filter, covers, matches, overlap
 
 
 @pytest.mark.parametrize(
@@ -105,3 +105,33 @@ def test_route_cache_sees_workers_added_later() -> None:
     assert router.workers("x/y") == ["one"]
     router.add("two", ["x/y"])
     assert router.workers("x/y") == ["one", "two"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        ("a/b", "a/b", True),
+        ("a/b", "a/c", False),
+        ("a/+", "a/b", True),
+        ("a/+/c", "a/b/+", True),
+        ("a/#", "a", True),
+        ("a", "a/b", False),
+        ("#", "$SYS/x", False),
+        ("+/x", "$SYS/x", False),
+        ("$SYS/#", "$SYS/x", True),
+        ("a/+", "b/#", False),
+        ("a/b/c", "a/+", False),
+    ],
+)
+def test_overlap(first: str, second: str, expected: bool) -> None:
+    assert overlap(first, second) is expected
+    assert overlap(second, first) is expected
+
+
+def test_only_overlapping_filters_need_numbers() -> None:
+    router = Router()
+    router.add("a", ["x/1", "y/#"])
+    router.add("b", ["x/2", "y/#"])  # the same filter twice is one subscription: one copy
+    assert not router.overlapping()
+    router.add("c", ["x/+"])
+    assert router.overlapping()

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Broker, MqttProbe, SupervisorFactory
+from conftest import SupervisorFactory
+from support import Broker, MqttProbe
 
 USER, PASSWORD = "alice", "s3cret"
 

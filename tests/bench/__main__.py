@@ -1,0 +1,419 @@
+"""`make bench`: the supervisor against a plain paho echo client, measured side by side in one run.
+
+Starts its own Mosquitto on a free loopback port and measures, each as the median of several runs: routed
+throughput (QoS 1 and QoS 0, with loss), round-trip latency at a fixed rate, fan-out to 1/4/16 workers, memory
+(PSS) against one process per service, and recovery after `kill -9` of a worker and after a broker restart. The
+load comes from `rawmqtt` (raw sockets, so the driver is not what limits the systems measured). Prints a table,
+then one JSON object with every figure as the last line. Every run is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+TESTS = Path(__file__).resolve().parent.parent
+ROOT = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+from support import Broker, descendants, toml, wait_until  # noqa: E402
+
+from tests.bench.rawmqtt import LoadGen  # noqa: E402
+
+RUNS = 3
+MESSAGES = 20_000
+WINDOW = 500  # echoes outstanding from the load generator: a sustained rate, not a test of queue depths
+PAYLOAD_BYTES = 150
+LATENCY_RATE = 1000
+LATENCY_MESSAGES = 3000
+RUN_TIMEOUT = 60.0
+# The bench broker: queues deep enough that a QoS 0 loss is the system's, not the broker's default 1000 limit.
+BROKER_ACCESS = "allow_anonymous true\nmax_queued_messages 100000\n"
+
+
+# Systems under test -------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def supervisor(broker: Broker, workdir: Path, workers: dict[str, dict[str, Any]]) -> Iterator[subprocess.Popen[bytes]]:
+    """The supervisor running `workers`, connected and with every worker running before the body runs."""
+    tag = uuid.uuid4().hex[:8]
+    config = workdir / f"bench-{tag}.toml"
+    config.write_text(
+        toml(
+            {
+                "supervisor": {
+                    "base_topic": f"bench/{tag}",
+                    "state_dir": str(workdir / "state"),
+                    "worker_packages": ["testworkers"],
+                },
+                "mqtt": {"port": broker.port, "client_id": f"bench-{tag}"},
+                "metrics": {"port": 0},
+                "workers": workers,
+            }
+        )
+    )
+    log_path = workdir / f"bench-{tag}.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "--config", str(config)], cwd=ROOT, env=env, stdout=out, stderr=out
+        )
+    try:
+        wait_until(
+            lambda: _ready(log_path.read_text(), len(workers)),
+            20,
+            f"the supervisor to connect and start its workers (log {log_path})",
+        )
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _ready(log_text: str, workers: int) -> bool:
+    return "connected to" in log_text and log_text.count(" running (pid ") >= workers
+
+
+@contextmanager
+def baselines(broker: Broker, topics: list[tuple[str, str]], qos: int) -> Iterator[list[subprocess.Popen[str]]]:
+    """One baseline echo process per (in topic, out topic), each subscribed before the body runs."""
+    script = str(Path(__file__).with_name("baseline_echo.py"))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, script, str(broker.port), in_topic, out_topic, str(qos)], stdout=subprocess.PIPE, text=True
+        )
+        for in_topic, out_topic in topics
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != "ready":
+                raise RuntimeError("a baseline echo client did not start")
+        yield processes
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+
+
+def relays(count: int, topics: Callable[[int], list[str]], qos: int) -> dict[str, dict[str, Any]]:
+    return {f"relay{i}": {"worker": "relay", "topics": topics(i), "out": "bench/out", "qos": qos} for i in range(count)}
+
+
+# Measurements -------------------------------------------------------------------------------------------------------
+
+
+def throughput(
+    load: LoadGen, topics: list[str], qos: int, echoes_per_message: int = 1, messages: int = MESSAGES
+) -> tuple[float, int]:
+    """Echoes per second, and how many of the expected echoes never came, publishing with a bounded window."""
+    started = time.perf_counter_ns()
+    arrivals = load.run(
+        topics,
+        qos,
+        messages,
+        echoes_per_message=echoes_per_message,
+        window=WINDOW,
+        size=PAYLOAD_BYTES,
+        timeout=RUN_TIMEOUT,
+    )
+    expected = messages * echoes_per_message
+    if not arrivals:
+        return 0.0, expected
+    return len(arrivals) / ((arrivals[-1][2] - started) / 1e9), expected - len(arrivals)
+
+
+def latency(load: LoadGen, topic: str) -> dict[str, float]:
+    """Round-trip times in ms at a fixed LATENCY_RATE, QoS 1."""
+    arrivals = load.run([topic], 1, LATENCY_MESSAGES, rate=LATENCY_RATE, size=PAYLOAD_BYTES, timeout=RUN_TIMEOUT)
+    rtts = sorted((arrived - sent) / 1e6 for _, sent, arrived in arrivals)
+    return {
+        "p50_ms": rtts[len(rtts) // 2],
+        "p99_ms": rtts[int(len(rtts) * 0.99)],
+        "max_ms": rtts[-1],
+        "lost": LATENCY_MESSAGES - len(rtts),
+    }
+
+
+def pss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no Pss in /proc/{pid}/smaps_rollup")
+
+
+def worker_pids(supervisor_pid: int) -> list[int]:
+    """The worker processes below the supervisor: all but multiprocess's forkserver and resource tracker."""
+    return [pid for pid in descendants(supervisor_pid) if not _is_helper(pid)]
+
+
+def _is_helper(pid: int) -> bool:
+    command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b"forkserver" in command or b"resource_tracker" in command
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def mib(value: int) -> float:
+    return round(value / 2**20, 1)
+
+
+def log(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
+# The benchmark ------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        broker = Broker(workdir, access=BROKER_ACCESS)
+        broker.start()
+        try:
+            run_all(broker, workdir, results)
+        finally:
+            broker.stop()
+    results["seconds"] = round(time.monotonic() - started, 1)
+    print_table(results)
+    print(json.dumps(results, sort_keys=True))
+
+
+def run_all(broker: Broker, workdir: Path, results: dict[str, Any]) -> None:
+    load = LoadGen(broker.port, "bench/out/#")
+    try:
+        for qos in (1, 0):
+            rate, lost = measure_throughput(
+                functools.partial(supervisor, broker, workdir, relays(1, lambda i: ["bench/in"], qos)), load, qos
+            )
+            base_rate, base_lost = measure_throughput(
+                functools.partial(baselines, broker, [("bench/in", "bench/out/baseline")], qos), load, qos
+            )
+            results[f"qos{qos}"] = {
+                "supervisor_msg_s": round(rate),
+                "supervisor_lost": lost,
+                "baseline_msg_s": round(base_rate),
+                "baseline_lost": base_lost,
+                "ratio": round(rate / base_rate, 2),
+            }
+            log(f"QoS {qos}: supervisor {rate:.0f} msg/s (lost {lost}), baseline {base_rate:.0f} (lost {base_lost})")
+        results["latency"] = measure_latency(broker, workdir, load)
+        results["fanout"] = measure_fanout(broker, workdir, load)
+    finally:
+        load.close()
+    results["memory"] = measure_memory(broker, workdir)
+    results["recovery"] = measure_recovery(broker, workdir)
+
+
+def measure_throughput(system: Callable[[], Any], load: LoadGen, qos: int) -> tuple[float, int]:
+    with system():
+        runs = [throughput(load, ["bench/in"], qos) for _ in range(RUNS)]
+    return median([rate for rate, _ in runs]), max(lost for _, lost in runs)
+
+
+def measure_latency(broker: Broker, workdir: Path, load: LoadGen) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    with supervisor(broker, workdir, relays(1, lambda i: ["bench/in"], 1)):
+        figures["supervisor"] = _median_latency([latency(load, "bench/in") for _ in range(RUNS)])
+    with baselines(broker, [("bench/in", "bench/out/baseline")], 1):
+        figures["baseline"] = _median_latency([latency(load, "bench/in") for _ in range(RUNS)])
+    figures["p99_ratio"] = round(figures["supervisor"]["p99_ms"] / figures["baseline"]["p99_ms"], 2)
+    log(f"latency at {LATENCY_RATE}/s: supervisor {figures['supervisor']}, baseline {figures['baseline']}")
+    return figures
+
+
+def _median_latency(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: round(median([r[key] for r in runs]), 3) for key in runs[0]}
+
+
+def measure_fanout(broker: Broker, workdir: Path, load: LoadGen) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for count in (1, 4, 16):
+        topics = [f"bench/in/{i}" for i in range(count)]
+        with supervisor(broker, workdir, relays(count, lambda i: [f"bench/in/{i}", "bench/all"], 0)):
+            one = median([throughput(load, topics, 0, messages=MESSAGES // 2)[0] for _ in range(RUNS)])
+            every = median(
+                [throughput(load, ["bench/all"], 0, count, messages=MESSAGES // (2 * count))[0] for _ in range(RUNS)]
+            )
+        figures[f"workers_{count}"] = {"each_to_one_msg_s": round(one), "each_to_all_deliveries_s": round(every)}
+        log(f"fan-out {count}: each message to one worker {one:.0f}/s, to all {every:.0f} deliveries/s")
+    return figures
+
+
+def measure_memory(broker: Broker, workdir: Path) -> dict[str, Any]:
+    with supervisor(broker, workdir, relays(4, lambda i: [f"bench/idle/{i}"], 1)) as process:
+        time.sleep(1.0)  # let start-up settle
+        workers = worker_pids(process.pid)
+        helpers = [pid for pid in descendants(process.pid) if pid not in workers]
+        supervisor_pss = pss_bytes(process.pid)
+        helper_pss = sum(pss_bytes(pid) for pid in helpers)
+        worker_pss = [pss_bytes(pid) for pid in workers]
+    with baselines(broker, [(f"bench/idle/{i}", f"bench/out/b{i}") for i in range(4)], 1) as processes:
+        time.sleep(1.0)
+        baseline_pss = [pss_bytes(p.pid) for p in processes]
+    total = supervisor_pss + helper_pss + sum(worker_pss)
+    figures = {
+        "supervisor_mib": mib(supervisor_pss),
+        "helpers_mib": mib(helper_pss),
+        "worker_mib": [mib(p) for p in worker_pss],
+        "total_mib": mib(total),
+        "baseline_process_mib": [mib(p) for p in baseline_pss],
+        "baseline_total_mib": mib(sum(baseline_pss)),
+        "ratio": round(total / sum(baseline_pss), 2),
+    }
+    log(f"memory: {figures}")
+    return figures
+
+
+def measure_recovery(broker: Broker, workdir: Path) -> dict[str, Any]:
+    worker_ms, broker_ms = [], []
+    # stable_after_seconds is short so that each kill, a second apart, is a first crash (restarted at once)
+    # rather than one in a series, which backs off by design.
+    workers = relays(1, lambda i: ["bench/in"], 1)
+    workers["relay0"]["stable_after_seconds"] = 0.5
+    load = LoadGen(broker.port, "bench/out/#")
+    try:
+        with supervisor(broker, workdir, workers) as process:
+            for _ in range(5):
+                time.sleep(1.0)
+                worker_ms.append(_worker_recovery(load, process.pid))
+    finally:
+        load.close()
+    for _ in range(5):
+        with supervisor(broker, workdir, relays(1, lambda i: ["bench/in"], 1)):
+            broker_ms.append(_broker_recovery(broker))
+    figures = {
+        "worker_kill_to_first_message_ms": round(median(worker_ms), 1),
+        "worker_runs_ms": [round(v, 1) for v in worker_ms],
+        "broker_back_to_flowing_ms": round(median(broker_ms), 1),
+        "broker_runs_ms": [round(v, 1) for v in broker_ms],
+    }
+    log(f"recovery: {figures}")
+    return figures
+
+
+def _worker_recovery(load: LoadGen, supervisor_pid: int) -> float:
+    """ms from kill -9 of the worker to the first echo of a message sent after the kill (one message per ms)."""
+    (worker,) = worker_pids(supervisor_pid)
+    arrivals: list[tuple[int, int, int]] = []
+    sender = threading.Thread(target=lambda: arrivals.extend(load.run(["bench/in"], 1, 1500, rate=1000)))
+    sender.start()
+    time.sleep(0.5)
+    killed_at = time.perf_counter_ns()
+    os.kill(worker, signal.SIGKILL)
+    sender.join()
+    after = [arrived for _, sent, arrived in arrivals if sent > killed_at]
+    if not after:
+        raise RuntimeError("no message handled after the worker was killed")
+    wait_until(lambda: len(worker_pids(supervisor_pid)) == 1, 5, "the worker to be back")
+    return (min(after) - killed_at) / 1e6
+
+
+def _broker_recovery(broker: Broker) -> float:
+    """ms from the broker accepting connections again (after a 1 s outage) to the first echo through the supervisor."""
+    broker.stop()
+    time.sleep(1.0)
+    broker.start()
+    back = time.perf_counter_ns()
+    load = LoadGen(broker.port, "bench/out/#")
+    try:
+        arrivals = load.run(["bench/in"], 1, 5000, rate=1000, first_only=True, timeout=10)
+    finally:
+        load.close()
+    if not arrivals:
+        raise RuntimeError("no echo within 10 s of the broker coming back")
+    return (arrivals[0][2] - back) / 1e6
+
+
+def print_table(r: dict[str, Any]) -> None:
+    lat, mem, rec = r["latency"], r["memory"], r["recovery"]
+
+    def flow(q: dict[str, Any], side: str) -> str:
+        return f"{q[f'{side}_msg_s']} msg/s, lost {q[f'{side}_lost']}"
+
+    def ms(d: dict[str, float]) -> str:
+        return f"{d['p50_ms']} / {d['p99_ms']} / {d['max_ms']} ms"
+
+    rows = [
+        (
+            "routed QoS 1 throughput",
+            flow(r["qos1"], "supervisor"),
+            flow(r["qos1"], "baseline"),
+            f"{r['qos1']['ratio']}x",
+            ">= 1.0x, lost 0",
+        ),
+        (
+            "routed QoS 0 throughput",
+            flow(r["qos0"], "supervisor"),
+            flow(r["qos0"], "baseline"),
+            f"{r['qos0']['ratio']}x",
+            ">= 1.0x",
+        ),
+        (
+            f"latency p50 / p99 / max at {LATENCY_RATE}/s",
+            ms(lat["supervisor"]),
+            ms(lat["baseline"]),
+            f"p99 {lat['p99_ratio']}x",
+            "p99 <= 1.5x and < 5 ms",
+        ),
+        (
+            "memory, 4 idle services (PSS)",
+            f"{mem['total_mib']} MiB",
+            f"{mem['baseline_total_mib']} MiB",
+            f"{mem['ratio']}x",
+            "<= 0.75x",
+        ),
+        ("kill -9 worker -> first message", f"{rec['worker_kill_to_first_message_ms']} ms", "", "", "<= 50 ms"),
+        ("broker back -> flowing", f"{rec['broker_back_to_flowing_ms']} ms", "", "", "<= 100 ms"),
+    ]
+    for count in (1, 4, 16):
+        f = r["fanout"][f"workers_{count}"]
+        rows.append(
+            (
+                f"fan-out to {count} worker(s), QoS 0",
+                f"each to one: {f['each_to_one_msg_s']}/s; to all: {f['each_to_all_deliveries_s']} deliveries/s",
+                "",
+                "",
+                "",
+            )
+        )
+    header = ("measure", "supervisor", "baseline (paho echo)", "ratio", "target")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
+    print(f"\nmake bench, {r['date']}, {r['machine']}, {r['seconds']} s")
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
+    print(
+        f"memory: supervisor {mem['supervisor_mib']} MiB, forkserver and resource tracker {mem['helpers_mib']} MiB, "
+        f"workers {mem['worker_mib']} MiB; baseline processes {mem['baseline_process_mib']} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
