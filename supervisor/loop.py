@@ -97,6 +97,8 @@ class Loop:
     def _set(self, file: FileLike | int, slot: int, callback: Callback | None) -> None:
         fd = file if isinstance(file, int) else file.fileno()
         callbacks = self._callbacks.get(fd, [None, None])
+        if callbacks[slot] == callback:
+            return  # unchanged: no system call
         callbacks[slot] = callback
         events = (selectors.EVENT_READ if callbacks[0] else 0) | (selectors.EVENT_WRITE if callbacks[1] else 0)
         registered = fd in self._callbacks

@@ -162,6 +162,7 @@ class MqttLink:
         self.publish_errors = 0
         self._subscriptions: list[tuple[str, int, int]] = []
         self._numbered = False
+        self._unacknowledged: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its filters
         self._stopping = False
         self._delay = config.reconnect_min_seconds
         self._retry: TimerHandle | None = None
@@ -178,18 +179,17 @@ class MqttLink:
     # Public API ---------------------------------------------------------------------------------------------------
 
     def subscribe(self, filters: list[tuple[str, int, int]], numbered: bool) -> None:
-        """Set the (filter, qos, identifier) subscriptions made on every connect; applied now if connected.
+        """Set the (filter, qos, identifier) subscriptions made on every connect (before it, or on the next one).
 
         Under MQTT 5 the filters are subscribed with No Local (except shared subscriptions), each with its
         identifier when `numbered`; under 3.1.1 the identifiers are never sent.
         """
         self._subscriptions = list(filters)
         self._numbered = numbered
-        if self.connected:
-            self._send_subscriptions()
 
     def start(self) -> None:
         """Connect now, and keep reconnecting until `stop`."""
+        self.loop.after_wakeup(self._write)
         self.loop.call_later(_MISC_INTERVAL, self._misc)
         self._connect()
 
@@ -266,11 +266,13 @@ class MqttLink:
         )
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
+        # Writing is ours (see _write); these being set keeps paho from sending inside every publish() call.
+        client.on_socket_register_write = _ignore
+        client.on_socket_unregister_write = _ignore
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect(self) -> None:
@@ -376,9 +378,11 @@ class MqttLink:
         self._last_problem = (text, now)
 
     def _send_subscriptions(self) -> None:
+        self._unacknowledged.clear()
         if not self._v5:
             if self._subscriptions:
-                self._check(self._client.subscribe([(f, qos) for f, qos, _ in self._subscriptions])[0])
+                filters = [f for f, _, _ in self._subscriptions]
+                self._track(filters, self._client.subscribe([(f, qos) for f, qos, _ in self._subscriptions]))
             return
         for topic_filter, qos, identifier in self._subscriptions:
             properties = None
@@ -386,11 +390,14 @@ class MqttLink:
                 properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
                 properties.SubscriptionIdentifier = identifier
             options = SubscribeOptions(qos=qos, noLocal=not topic_filter.startswith("$share/"))
-            self._check(self._client.subscribe(topic_filter, options=options, properties=properties)[0])
+            self._track([topic_filter], self._client.subscribe(topic_filter, options=options, properties=properties))
 
-    def _check(self, rc: int) -> None:
-        if rc != paho.MQTT_ERR_SUCCESS:
-            log.warning("subscribe failed: %s", paho.error_string(rc))
+    def _track(self, filters: list[str], result: tuple[int, int | None]) -> None:
+        rc, mid = result
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            log.warning("subscribing to %s failed: %s", ", ".join(filters), paho.error_string(rc))
+            return
+        self._unacknowledged[mid] = filters
 
     def _expiry(self, seconds: int) -> Properties:
         properties = self._expiry_properties.get(seconds)
@@ -413,8 +420,25 @@ class MqttLink:
             if client.loop_read() != paho.MQTT_ERR_SUCCESS or sock is not client.socket() or not client.buffered:
                 return
 
+    def _write(self) -> None:
+        """At the end of every wake-up, send everything paho has queued (one `send` for all of it)."""
+        if self._client.want_write():
+            self._client.loop_write()
+            self._watch_writable()
+
     def _writable(self) -> None:
         self._client.loop_write()
+        self._watch_writable()
+
+    def _watch_writable(self) -> None:
+        """Ask the selector for writability only while the socket has not taken everything."""
+        sock = self._client.socket()
+        if sock is None:
+            return
+        if self._client.want_write():
+            self.loop.add_writer(sock, self._writable)
+        else:
+            self.loop.remove_writer(sock)
 
     def _misc(self) -> None:
         if self.connected and self.loop.clock() - self._connected_at >= _STABLE_CONNECTION_SECONDS:
@@ -436,12 +460,6 @@ class MqttLink:
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         self._forget_socket(sock)
 
-    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self.loop.add_writer(sock, self._writable)
-
-    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        self.loop.remove_writer(sock)
-
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
         self._cancel_deadline()
         if reason.is_failure:
@@ -460,9 +478,14 @@ class MqttLink:
             self.reconnects += 1
         self._ever_connected = True
         self._delay = self.config.reconnect_min_seconds
-        client.publish(self.config.availability_topic, self.config.birth_payload.encode(), qos=1, retain=True)
         self._send_subscriptions()
+        if not self._unacknowledged:
+            self._publish_birth()  # else once the broker has acknowledged every subscription
         self.listener.link_connected(flags.session_present)
+
+    def _publish_birth(self) -> None:
+        """`online` on the availability topic: published when the subscriptions are in place, so it means ready."""
+        self._client.publish(self.config.availability_topic, self.config.birth_payload.encode(), qos=1, retain=True)
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
@@ -476,6 +499,17 @@ class MqttLink:
                 self._problem(text)
             self.listener.link_disconnected(str(reason))
         self._schedule_reconnect()
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Any
+    ) -> None:
+        filters = self._unacknowledged.pop(mid, [])
+        for topic_filter, reason in zip(filters, reasons, strict=False):
+            if reason.is_failure:
+                log.warning("the broker refused the subscription to %s: %s", topic_filter, reason)
+        if filters and not self._unacknowledged:
+            log.info("subscribed to %d topic filter(s)", len(self._subscriptions))
+            self._publish_birth()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:
@@ -499,3 +533,7 @@ class MqttLink:
                 subscription_ids=tuple(getattr(properties, "SubscriptionIdentifier", ())),
             )
         self.listener.message_received(incoming)
+
+
+def _ignore(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """paho's write-interest callbacks: the link decides about writing itself."""

@@ -91,7 +91,7 @@ def supervisor(broker: Broker, workdir: Path, workers: dict[str, dict[str, Any]]
 
 
 def _ready(log_text: str, workers: int) -> bool:
-    return "connected to" in log_text and log_text.count(" running (pid ") >= workers
+    return "subscribed to" in log_text and log_text.count(" running (pid ") >= workers
 
 
 @contextmanager
