@@ -7,6 +7,7 @@ Restarting a worker means starting a new `WorkerProcess`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -74,6 +75,10 @@ class WorkerProcess:
         """Start the worker. `inherited`: the supervisor's descriptors, which a forked child must release."""
         ours, theirs = socket.socketpair()
         forked = context.get_start_method() == "fork"
+        if forked:
+            # Everything alive now leaves the collector's view, in the child too: its collections never touch
+            # (and so never copy) the pages it shares with the supervisor.
+            gc.freeze()
         if forked and threading.active_count() > 1:
             ours.close()
             theirs.close()

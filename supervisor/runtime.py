@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import heapq
 import importlib
 import itertools
@@ -67,7 +66,6 @@ def run(spec: WorkerSpec, sock: Any) -> None:
     """Entry point of a worker process (the target passed to multiprocess)."""
     _release(spec.release_fds)
     _reset_signals()
-    gc.freeze()  # what this process inherited is never collected here, so its pages stay shared with the parent
     _die_with_parent()
     logging.basicConfig(
         level=spec.log_level,
