@@ -19,10 +19,15 @@ from contracts.envelopes import Message
 
 
 class Subscription(msgspec.Struct, frozen=True):
-    """An MQTT topic filter (wildcards `+` and `#` allowed) a worker wants messages from, with the QoS to ask for."""
+    """An MQTT topic filter (wildcards `+` and `#` allowed) a worker wants messages from, with the QoS to ask for.
+
+    `commands=True` marks a filter whose messages are commands: a retained message there is a stale command (the
+    broker replays it to every new subscriber), so the supervisor drops and counts it instead of delivering it.
+    """
 
     topic_filter: str
     qos: int = 0
+    commands: bool = False
 
 
 class NoConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

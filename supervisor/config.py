@@ -40,6 +40,9 @@ class SupervisorConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=
     # each child releases every descriptor it inherits, the MQTT socket first), "forkserver" (a clean server
     # process with the worker modules preloaded) or "spawn" (a fresh interpreter per worker; slowest, largest).
     start_method: Literal["fork", "forkserver", "spawn"] = "fork"
+    # The outbox's durability: "normal" survives a crash of the supervisor, "full" also a power cut (an fsync per
+    # write, slow on SD cards).
+    outbox_sync: Literal["normal", "full"] = "normal"
 
 
 class TlsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -69,6 +72,11 @@ class MqttConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     availability_topic: str = ""
     birth_payload: str = "online"
     will_payload: str = "offline"
+    # MQTT 5: how many unacknowledged QoS 1/2 messages the broker may send at once (they are acknowledged only once
+    # handled, so this bounds what the supervisor holds in memory). The broker's own limit applies too.
+    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000
+    # Larger inbound payloads are dropped, counted and logged.
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1048576
     tls: TlsConfig = TlsConfig()
 
 

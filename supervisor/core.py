@@ -43,9 +43,11 @@ from contracts import (
 )
 from supervisor.channel import ChannelClosed
 from supervisor.config import Settings, WorkerSettings
+from supervisor.delivery import Deliveries
 from supervisor.errors import ConfigError
 from supervisor.loop import Loop, TimerHandle
 from supervisor.mqtt import Incoming, MqttLink
+from supervisor.outbox import Outbox
 from supervisor.processes import ExitStatus, WorkerProcess, start_method_context
 from supervisor.router import InvalidTopicFilter, Router
 from supervisor.runtime import EXIT_START_FAILED
@@ -77,7 +79,7 @@ class WorkerSlot:
     inflight: dict[int, Message] = field(default_factory=dict)  # handed to the process, in order
     queued: deque[Message] = field(default_factory=deque)  # waiting for room in the process
     outgoing: list[Inbound] = field(default_factory=list)  # to write at the end of this wake-up
-    errors: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # by kind, reported by the worker or about its input
     restarts: Counter[str] = field(default_factory=Counter)
     dropped: int = 0
     handled: int = 0
@@ -123,7 +125,7 @@ class Supervisor:
         self.slots = {w.name: WorkerSlot(w, RestartTracker(w.supervision)) for w in settings.workers}
         for slot in self.slots.values():
             for subscription in worker_subscriptions(slot.settings):
-                self.router.add(slot.name, [subscription.topic_filter], subscription.qos)
+                self.router.add(slot.name, [subscription.topic_filter], subscription.qos, subscription.commands)
         numbered = settings.mqtt.protocol == 5 and self.router.overlapping()
         self.link.subscribe(self.router.broker_filters(numbered=numbered), numbered=numbered)
         self.started_at = time.time()
@@ -133,6 +135,9 @@ class Supervisor:
         self._deliver_own_publications = settings.mqtt.protocol == 5  # 3.1.1 has no No Local: the broker echoes
         self._context: object = None
         self._wakeup: tuple[socket.socket, ...] = ()
+        self.outbox: Outbox | None = None
+        self.deliveries = Deliveries(self.link.ack, self._forget_publication)
+        self._confirming: dict[int, int] = {}  # packet id of a publication to the broker -> its message id
 
     # Running ------------------------------------------------------------------------------------------------------
 
@@ -142,10 +147,12 @@ class Supervisor:
         wakeup = self._wakeup = self._install_signal_handlers()
         modules = sorted({"supervisor.runtime"} | {s.settings.worker_class.__module__ for s in self.slots.values()})
         self._context = start_method_context(self.settings.supervisor.start_method, modules)
+        self.outbox = Outbox(self.settings.state_dir / "outbox.sqlite3", self.settings.supervisor.outbox_sync.upper())
         for slot in self.slots.values():
             self._start(slot)
+        self._replay_outbox()
         self.link.start()
-        self.loop.after_wakeup(self._write_to_workers)
+        self.loop.after_wakeup(self._end_of_wakeup)
         self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
         gc.freeze()  # start-up objects leave the collector's view: shorter pauses, pages stay shared with workers
         log.info("supervisor started with workers: %s", ", ".join(self.slots) or "none")
@@ -153,6 +160,7 @@ class Supervisor:
             while not (self._stopping and all(s.process is None for s in self.slots.values())):
                 self.loop.run_once()
             self.link.stop()
+            self.outbox.close()
         finally:
             for slot in self.slots.values():  # only after a fatal error are any left
                 if slot.process is not None:
@@ -239,7 +247,8 @@ class Supervisor:
     def _on_envelope(self, slot: WorkerSlot, envelope: Outbound, now: float) -> None:
         match envelope:
             case Handled(id=message_id):
-                slot.inflight.pop(message_id, None)
+                if slot.inflight.pop(message_id, None) is not None:
+                    self.deliveries.done(message_id)
                 slot.handled += 1
                 slot.progress_at = now
             case Publish():
@@ -305,8 +314,7 @@ class Supervisor:
                 )
             case Verdict.FAILED | Verdict.ESCALATE:
                 slot.state = WorkerState.FAILED
-                slot.dropped += len(slot.queued)
-                slot.queued.clear()
+                self._drop_queued(slot)
                 policy = slot.settings.supervision
                 log.error(
                     "worker %s failed: more than %d restarts in %g s (last: %s)",
@@ -332,6 +340,7 @@ class Supervisor:
         slot.inflight.clear()
         if head.attempt >= slot.settings.supervision.dead_letter_after_crashes:
             self._dead_letter(slot, head)
+            self.deliveries.done(head.id)
             again = rest
         else:
             again = [msgspec.structs.replace(head, attempt=head.attempt + 1), *rest]
@@ -360,7 +369,7 @@ class Supervisor:
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         topic = f"{self.settings.supervisor.base_topic}/dead_letter"
-        self.link.publish(topic, json.dumps(record).encode(), qos=1)
+        self._publish_durably("supervisor", Publish(topic=topic, payload=json.dumps(record).encode(), qos=1))
 
     def _kill(self, slot: WorkerSlot, reason: str, detail: str) -> None:
         if slot.process is None or slot.kill_reason is not None:
@@ -390,20 +399,28 @@ class Supervisor:
     # Routing ------------------------------------------------------------------------------------------------------
 
     def _offer(self, slot: WorkerSlot, message: Message) -> None:
-        if slot.state in (WorkerState.FAILED, WorkerState.STOPPED, WorkerState.STOPPING):
+        """Queue `message` for `slot`'s worker. Delivery bookkeeping expects exactly one `done` per offer."""
+        if slot.state is WorkerState.STOPPING:
+            return  # shutting down: still owed, so the broker or the outbox delivers it again after the restart
+        if slot.state in (WorkerState.FAILED, WorkerState.STOPPED):
             slot.dropped += 1
+            self.deliveries.done(message.id)
             return
-        if len(slot.queued) >= slot.settings.supervision.max_queued:
+        # QoS >= 1 is never dropped for a full queue: from the broker it is bounded by [mqtt] receive_maximum, and
+        # from other workers it is on disk in the outbox. QoS 0 is best effort by definition: dropped and counted.
+        if message.qos == 0 and len(slot.queued) >= slot.settings.supervision.max_queued:
             slot.dropped += 1
-            log.warning(
-                "worker %s: queue full (%d); dropped a message on %s",
-                slot.name,
-                len(slot.queued),
-                message.topic,
-            )
+            slot.errors["queue_full"] += 1
             return
         slot.queued.append(message)
         self._refill(slot, self.loop.clock())
+
+    def _drop_queued(self, slot: WorkerSlot) -> None:
+        """A failed worker takes nothing: what waited for it is dropped, counted, and no longer owed."""
+        slot.dropped += len(slot.queued)
+        for message in slot.queued:
+            self.deliveries.done(message.id)
+        slot.queued.clear()
 
     def _refill(self, slot: WorkerSlot, now: float) -> None:
         """Move queued messages into the process while it has room."""
@@ -418,6 +435,14 @@ class Supervisor:
             message = slot.queued.popleft()
             slot.inflight[message.id] = message
             slot.outgoing.append(message)
+
+    def _end_of_wakeup(self) -> None:
+        """Make this wake-up's publications durable, then acknowledge, then write to workers and the broker."""
+        assert self.outbox is not None
+        self.outbox.commit()
+        self.deliveries.release()
+        self._write_to_workers()
+        self.link.flush()
 
     def _write_to_workers(self) -> None:
         for slot in self.slots.values():
@@ -439,22 +464,74 @@ class Supervisor:
             self.loop.remove_writer(process.channel)
 
     def _publish_from(self, slot: WorkerSlot, publication: Publish) -> None:
-        if publication.local_only or self._deliver_own_publications:
-            receivers = [name for name in self.router.workers(publication.topic) if name != slot.name]
-            if receivers:
-                message = Message(
-                    id=next(self._ids),
-                    topic=publication.topic,
-                    payload=publication.payload,
-                    qos=publication.qos,
-                )
-                for name in receivers:
-                    self._offer(self.slots[name], message)
+        if publication.qos > 0:
+            self._publish_durably(slot.name, publication)
+            return
+        receivers = self._local_receivers(slot.name, publication)
+        if receivers:
+            message = Message(id=next(self._ids), topic=publication.topic, payload=publication.payload)
+            for name in receivers:
+                self._offer(self.slots[name], message)
         if not publication.local_only:
-            expiry = publication.expiry
-            if expiry is None and not publication.retain:
-                expiry = self.settings.mqtt.message_expiry_seconds
-            self.link.publish(publication.topic, publication.payload, publication.qos, publication.retain, expiry)
+            self._send(publication)
+
+    def _publish_durably(self, source: str, publication: Publish) -> None:
+        """A QoS >= 1 publication: stored in the outbox until the broker and every local subscriber have it."""
+        assert self.outbox is not None
+        receivers = self._local_receivers(source, publication)
+        parts = len(receivers) + (0 if publication.local_only else 1)
+        if parts == 0:
+            return
+        message_id = next(self._ids)
+        self.deliveries.expect_outbound(message_id, self.outbox.add(source, publication), parts)
+        self._deliver_publication(message_id, receivers, publication)
+
+    def _deliver_publication(self, message_id: int, receivers: list[str], publication: Publish) -> None:
+        if receivers:
+            message = Message(id=message_id, topic=publication.topic, payload=publication.payload, qos=publication.qos)
+            for name in receivers:
+                self._offer(self.slots[name], message)
+        if not publication.local_only:
+            mid = self._send(publication)
+            if mid is None:
+                self.deliveries.done(message_id)  # refused by paho outright: counted as a publish error
+            else:
+                self._confirming[mid] = message_id
+
+    def _local_receivers(self, source: str, publication: Publish) -> list[str]:
+        """Workers (other than the publisher) that get `publication` straight from the supervisor.
+
+        Under MQTT 3.1.1 (no No Local) a publication that also goes to the broker comes back from it, and is
+        delivered from there instead.
+        """
+        if not (publication.local_only or self._deliver_own_publications):
+            return []
+        return [name for name in self.router.workers(publication.topic) if name != source]
+
+    def _send(self, publication: Publish) -> int | None:
+        expiry = publication.expiry
+        if expiry is None and not publication.retain:
+            expiry = self.settings.mqtt.message_expiry_seconds
+        return self.link.publish(publication.topic, publication.payload, publication.qos, publication.retain, expiry)
+
+    def _replay_outbox(self) -> None:
+        """Deliver again what a previous run stored and had not finished delivering (at least once)."""
+        assert self.outbox is not None
+        pending = self.outbox.pending()
+        if pending:
+            log.info("replaying %d publication(s) left in the outbox by the previous run", len(pending))
+        for row, source, publication in pending:
+            receivers = self._local_receivers(source, publication)
+            parts = len(receivers) + (0 if publication.local_only else 1)
+            message_id = next(self._ids)
+            self.deliveries.expect_outbound(message_id, row, max(parts, 1))
+            if parts == 0:
+                self.deliveries.done(message_id)
+            self._deliver_publication(message_id, receivers, publication)
+
+    def _forget_publication(self, row: int) -> None:
+        assert self.outbox is not None
+        self.outbox.remove(row)
 
     # LinkListener -------------------------------------------------------------------------------------------------
 
@@ -462,20 +539,28 @@ class Supervisor:
         pass
 
     def link_disconnected(self, reason: str) -> None:
-        pass
+        self.deliveries.connection_lost()
+
+    def publish_confirmed(self, mid: int, failure: str | None) -> None:
+        message_id = self._confirming.pop(mid, None)
+        if message_id is None:
+            return  # a QoS 0 publication, or one of the link's own (birth, will)
+        if failure is not None:
+            log.warning("the broker refused publication %d: %s", mid, failure)
+        self.deliveries.done(message_id)
 
     def message_received(self, message: Incoming) -> None:
+        """Route a message from the broker. QoS >= 1 is acknowledged once every receiver has finished it."""
         if self._stopping:
-            return
-        routes = self.router.route(message.topic)
-        if message.subscription_ids:  # this copy is for these subscriptions only; other copies cover the rest
-            receivers = [worker for worker, number in routes if number in message.subscription_ids]
-        else:
-            receivers = [worker for worker, _ in routes]
+            return  # not acknowledged: the broker sends it again after the restart
+        receivers = self._receivers(message)
+        message_id = next(self._ids)
+        if message.qos > 0:
+            self.deliveries.expect_inbound(message_id, message.mid, message.qos, len(receivers))
         if not receivers:
             return
         routed = Message(
-            id=next(self._ids),
+            id=message_id,
             topic=message.topic,
             payload=message.payload,
             qos=message.qos,
@@ -485,6 +570,25 @@ class Supervisor:
         )
         for name in receivers:
             self._offer(self.slots[name], routed)
+
+    def _receivers(self, message: Incoming) -> list[str]:
+        """The workers `message` goes to: bad input is counted against each worker it was meant for, and dropped."""
+        routes = self.router.route(message.topic)
+        if message.subscription_ids:  # this copy is for these subscriptions only; other copies cover the rest
+            routes = tuple((worker, number) for worker, number in routes if number in message.subscription_ids)
+        receivers = []
+        for worker, number in routes:
+            if len(message.payload) > self.settings.mqtt.max_payload_bytes:
+                self._bad_input(worker, "oversized", message.topic, f"{len(message.payload)} bytes")
+            elif message.retain and self.router.is_command(worker, number):
+                self._bad_input(worker, "retained_command", message.topic, "a retained message on a command topic")
+            else:
+                receivers.append(worker)
+        return receivers
+
+    def _bad_input(self, worker: str, kind: str, topic: str, detail: str) -> None:
+        self.slots[worker].errors[kind] += 1
+        log.warning("dropped a message on %s for worker %s: %s", topic, worker, detail)
 
     def bad_message(self, reason: str) -> None:
         log.warning("dropped a message from the broker: %s", reason)

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 _MISC_INTERVAL = 1.0
 _MAX_READS_PER_WAKEUP = 10_000
 _REPEAT_LOG_SECONDS = 60.0
-_MAX_QUEUED_PUBLICATIONS = 10_000
 _STABLE_CONNECTION_SECONDS = 10.0
 _READ_CHUNK = 256 * 1024
 _DISCONNECT = 0xE0
@@ -147,6 +146,8 @@ class LinkListener(Protocol):
 
     def message_received(self, message: Incoming) -> None: ...
 
+    def publish_confirmed(self, mid: int, failure: str | None) -> None: ...
+
     def bad_message(self, reason: str) -> None: ...
 
 
@@ -188,28 +189,32 @@ class MqttLink:
         self._numbered = numbered
 
     def start(self) -> None:
-        """Connect now, and keep reconnecting until `stop`."""
-        self.loop.after_wakeup(self._write)
+        """Connect now, and keep reconnecting until `stop`. The owner calls `flush` at the end of every wake-up."""
         self.loop.call_later(_MISC_INTERVAL, self._misc)
         self._connect()
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, expiry: int | None = None
-    ) -> bool:
-        """Queue a publication; False when paho refused it (counted in `publish_errors`).
+    ) -> int | None:
+        """Queue a publication; its packet id (confirmed later through `publish_confirmed` for QoS 1 and 2), or
+        None when it was dropped (counted in `publish_errors`).
 
         QoS 0 while disconnected is dropped; QoS 1 and 2 wait in paho's queue for the next connection.
         """
         if qos == 0 and not self.connected:
             self.publish_errors += 1
-            return False
+            return None
         properties = self._expiry(expiry) if self._v5 and expiry else None
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             self.publish_errors += 1
             log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
-            return False
-        return True
+            return None
+        return info.mid
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge inbound message `mid` (QoS 1 or 2) to the broker."""
+        self._client.ack(mid, qos)
 
     def stop(self, timeout: float = 2.0) -> None:
         """Publish the will payload ourselves (a clean disconnect suppresses the will), then disconnect."""
@@ -243,8 +248,9 @@ class MqttLink:
             protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
             clean_session=None if self._v5 else False,
             reconnect_on_failure=False,
+            manual_ack=True,  # acknowledged once handled: see supervisor.delivery
         )
-        client.max_queued_messages_set(_MAX_QUEUED_PUBLICATIONS)
+        client.max_queued_messages_set(0)  # QoS >= 1 publications are all kept (and in the outbox on disk)
         client.connect_timeout = config.connect_timeout_seconds
         if config.username:
             client.username_pw_set(config.username, password.reveal() if password else None)
@@ -256,6 +262,7 @@ class MqttLink:
         if self._v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = config.session_expiry_seconds
+            properties.ReceiveMaximum = config.receive_maximum
         # clean_start=False: keep the broker's session (and its queued QoS 1 messages) across restarts.
         client.connect_async(
             config.host,
@@ -266,13 +273,14 @@ class MqttLink:
         )
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
-        # Writing is ours (see _write); these being set keeps paho from sending inside every publish() call.
+        # Writing is ours (see flush); these being set keeps paho from sending inside every publish() call.
         client.on_socket_register_write = _ignore
         client.on_socket_unregister_write = _ignore
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         return client
 
     def _connect(self) -> None:
@@ -420,8 +428,8 @@ class MqttLink:
             if client.loop_read() != paho.MQTT_ERR_SUCCESS or sock is not client.socket() or not client.buffered:
                 return
 
-    def _write(self) -> None:
-        """At the end of every wake-up, send everything paho has queued (one `send` for all of it)."""
+    def flush(self) -> None:
+        """Send everything paho has queued (one `send` for all of it); the owner calls this once per wake-up."""
         if self._client.want_write():
             self._client.loop_write()
             self._watch_writable()
@@ -510,6 +518,12 @@ class MqttLink:
         if filters and not self._unacknowledged:
             log.info("subscribed to %d topic filter(s)", len(self._subscriptions))
             self._publish_birth()
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
+        failure = str(reason) if reason.is_failure else None
+        if failure is not None:
+            self.publish_errors += 1
+        self.listener.publish_confirmed(mid, failure)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         try:

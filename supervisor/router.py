@@ -99,14 +99,21 @@ class Router:
         self._routes: list[tuple[list[str], str, int]] = []
         self._filters: dict[str, tuple[int, int]] = {}  # filter -> (number, highest qos)
         self._cache: dict[str, tuple[tuple[str, int], ...]] = {}
+        self._commands: set[tuple[str, int]] = set()  # (worker, filter number) whose messages are commands
 
-    def add(self, worker: str, topic_filters: Iterable[str], qos: int = 0) -> None:
+    def add(self, worker: str, topic_filters: Iterable[str], qos: int = 0, commands: bool = False) -> None:
         for topic_filter in topic_filters:
             check_filter(topic_filter)
             number, known_qos = self._filters.get(topic_filter, (len(self._filters) + 1, 0))
             self._filters[topic_filter] = (number, max(qos, known_qos))
             self._routes.append((_levels(topic_filter), worker, number))
+            if commands:
+                self._commands.add((worker, number))
         self._cache.clear()
+
+    def is_command(self, worker: str, number: int) -> bool:
+        """True when `worker` takes the topic through a filter it marked as carrying commands."""
+        return (worker, number) in self._commands
 
     def route(self, topic: str) -> tuple[tuple[str, int], ...]:
         """(worker, filter number) for each worker subscribed to `topic`, each worker once, in the order added."""

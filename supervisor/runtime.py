@@ -18,6 +18,7 @@ import ctypes
 import heapq
 import importlib
 import itertools
+import json
 import logging
 import os
 import select
@@ -45,6 +46,8 @@ from contracts import (
 from supervisor.channel import Channel, ChannelClosed
 
 EXIT_START_FAILED = 3
+# What a handler raises when a payload is not what it expects: counted as `decode` errors, not handler failures.
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, json.JSONDecodeError, UnicodeDecodeError)
 _PR_SET_PDEATHSIG = 1
 _FLUSH_AFTER_SECONDS = 0.002
 
@@ -229,6 +232,9 @@ class WorkerLoop:
         failed = False
         try:
             self.worker.on_message(self.ctx, message)
+        except _UNDECODABLE as exc:  # policy: bad input is counted as `decode`, logged and dropped
+            failed = True
+            self.ctx.report_error("decode", f"cannot decode the payload on {message.topic}: {exc}")
         except Exception as exc:  # policy: a handler exception is counted and the worker goes on
             failed = True
             self.log.exception("handling message %d on %s failed", message.id, message.topic)
