@@ -150,11 +150,14 @@ class MqttProbe:
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
+        client_id: str | None = None,
+        persistent: bool = False,
     ) -> None:
+        """A connected client; `persistent` keeps its session (and queued messages) at the broker across reconnects."""
         self.messages: list[Received] = []
         self._lock = threading.Condition()
         self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}", protocol=protocol
+            paho.CallbackAPIVersion.VERSION2, client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}", protocol=protocol
         )
         self.client.on_message = self._on_message
         if username:
@@ -163,7 +166,11 @@ class MqttProbe:
             self.client.tls_set(ca_certs=ca_file)
         self._connected = threading.Event()
         self.client.on_connect = lambda *a: self._connected.set()
-        self.client.connect("127.0.0.1", port)
+        properties = None
+        if persistent:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 600
+        self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=properties)
         self.client.loop_start()
         if not self._connected.wait(10):
             raise AssertionError("the probe client did not connect to the broker")

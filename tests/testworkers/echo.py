@@ -5,7 +5,8 @@ on `<out>/echo` unless the payload is a command: `crash` exits the process at on
 `<path>` does not exist yet (creating it first), `raise` raises in the handler,
 `hang` sleeps for an hour, `block` schedules a timer that sleeps for an hour (so heartbeats stop while no message
 is in hand), `sleep:<seconds>` sleeps then replies, `forward:<topic>` publishes to `<topic>`,
-`env:<NAME>` publishes the worker's environment variable NAME (or `<unset>`) on `<out>/env`.
+`env:<NAME>` publishes the worker's environment variable NAME (or `<unset>`) on `<out>/env`, `json:<text>` parses
+`<text>` as JSON first (failing as a worker does on a payload it cannot decode).
 Touches nothing outside.
 """
 
@@ -26,6 +27,8 @@ class EchoConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     out: str
     qos: int = 0
     local_only: bool = False
+    commands: bool = False  # mark the subscriptions as command topics (retained messages there are dropped)
+    delay_seconds: float = 0.0  # time taken by every message, so that a backlog builds up
 
 
 class Echo(Worker[EchoConfig]):
@@ -35,13 +38,14 @@ class Echo(Worker[EchoConfig]):
     Config = EchoConfig
 
     def subscriptions(self) -> list[Subscription]:
-        return [Subscription(t, qos=self.config.qos) for t in self.config.topics]
+        return [Subscription(t, qos=self.config.qos, commands=self.config.commands) for t in self.config.topics]
 
     def on_start(self, ctx: Context) -> None:
         ctx.publish(f"{self.config.out}/started", str(os.getpid()), qos=1)
 
     def on_message(self, ctx: Context, message: Message) -> None:
         text = message.payload.decode(errors="replace")
+        time.sleep(self.config.delay_seconds)
         if text == "crash":
             os._exit(9)
         if text.startswith("crash_once:"):
@@ -58,6 +62,8 @@ class Echo(Worker[EchoConfig]):
             return
         if text.startswith("sleep:"):
             time.sleep(float(text.removeprefix("sleep:")))
+        if text.startswith("json:"):
+            json.loads(text.removeprefix("json:"))  # raises on bad JSON: a decode error, as a real worker's would
         if text.startswith("env:"):
             ctx.publish(f"{self.config.out}/env", os.environ.get(text.removeprefix("env:"), "<unset>"), qos=1)
             return

@@ -1,0 +1,177 @@
+"""Delivery guarantees under real faults: nothing lost across worker crashes, broker outages and supervisor kills.
+
+Every test counts distinct messages and asserts that none is missing (duplicates are allowed: at least once).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SupervisorFactory
+from support import Broker, MqttProbe, wait_until
+from test_supervisor import echo, start, started_pids, wait_echo
+
+
+def echoed_payloads(probe: MqttProbe, out: str) -> set[str]:
+    return {m.json()["payload"] for m in probe.received(f"{out}/echo")}
+
+
+def publish_numbered(probe: MqttProbe, topic: str, count: int) -> list[str]:
+    payloads = [f"m{i}" for i in range(count)]
+    for payload in payloads:
+        probe.client.publish(topic, payload, qos=1)
+    return payloads
+
+
+def test_kill_9_of_a_worker_mid_stream_loses_nothing(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix, qos=1, stable_after_seconds=0.1, delay_seconds=0.001)})
+    out = f"{prefix}/out/echo"
+    payloads = publish_numbered(mqtt, f"{prefix}/in/x", 2000)
+    for kills in range(1, 4):
+        wait_until(lambda k=kills: len(echoed_payloads(mqtt, out)) >= 400 * k, 30, f"{400 * kills} echoes")
+        os.kill(started_pids(mqtt, out)[-1], signal.SIGKILL)
+        mqtt.wait_for(f"{out}/started", count=kills + 1)
+    wait_until(lambda: echoed_payloads(mqtt, out) >= set(payloads), 60, "every message to be echoed")
+    assert set(payloads) - echoed_payloads(mqtt, out) == set()
+
+
+def test_a_dead_lettered_message_is_acknowledged_and_not_delivered_again(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    workers = {"echo": echo(prefix, qos=1, dead_letter_after_crashes=2, backoff_min_seconds=0.05)}
+    first = start(supervisors, mqtt, workers)
+    mqtt.publish(f"{prefix}/in/poison", "crash")
+    mqtt.publish(f"{prefix}/in/fine", "after the poison")
+    mqtt.wait_for(f"{supervisors.base}/dead_letter")
+    wait_echo(mqtt, f"{prefix}/out/echo", "after the poison")
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    supervisors.start(workers)  # same client id: the broker would send anything unacknowledged again
+    mqtt.wait_for(f"{prefix}/out/echo/started", count=4)  # 1 + 2 crashes + this run
+    mqtt.publish(f"{prefix}/in/fine", "marker")
+    wait_echo(mqtt, f"{prefix}/out/echo", "marker")
+    assert len(mqtt.received(f"{supervisors.base}/dead_letter")) == 1
+    assert len(echoes_of(mqtt, prefix, "after the poison")) == 1
+
+
+def echoes_of(probe: MqttProbe, prefix: str, payload: str) -> list[dict[str, Any]]:
+    return [m.json() for m in probe.received(f"{prefix}/out/echo/echo") if m.json()["payload"] == payload]
+
+
+def test_kill_9_of_the_supervisor_mid_stream_loses_nothing_after_a_restart(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    workers = {"echo": echo(prefix, qos=1, delay_seconds=0.002)}  # slower than the publisher: a backlog builds
+    first = start(supervisors, mqtt, workers)
+    out = f"{prefix}/out/echo"
+    payloads = publish_numbered(mqtt, f"{prefix}/in/x", 1500)
+    wait_until(lambda: len(echoed_payloads(mqtt, out)) >= 300, 30, "300 echoes before the kill")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    supervisors.start(workers)  # same client id and state directory: the session and the outbox carry over
+    wait_until(lambda: echoed_payloads(mqtt, out) >= set(payloads), 60, "every message to be echoed after the restart")
+    assert set(payloads) - echoed_payloads(mqtt, out) == set()
+
+
+def test_worker_to_worker_publications_survive_a_supervisor_kill(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    workers = {
+        "sender": echo(prefix, "sender", [f"{prefix}/in/sender"], qos=1, local_only=True),
+        "listener": echo(prefix, "listener", [f"{prefix}/bus/#"], qos=1),
+    }
+    first = start(supervisors, mqtt, workers)
+    topics = [f"{prefix}/bus/{i}" for i in range(600)]
+    for topic in topics:
+        mqtt.client.publish(f"{prefix}/in/sender", f"forward:{topic}", qos=1)
+    heard = lambda: {m.json()["topic"] for m in mqtt.received(f"{prefix}/out/listener/echo")}  # noqa: E731
+    wait_until(lambda: len(heard()) >= 100, 30, "the listener to hear 100 forwarded messages")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    supervisors.start(workers)
+    wait_until(lambda: heard() >= set(topics), 60, "every forwarded message to reach the listener")
+
+
+@pytest.fixture(scope="module")
+def persistent_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A broker that keeps sessions and queued messages across its own restarts."""
+    workdir = tmp_path_factory.mktemp("persistent-broker")
+    broker = Broker(workdir, access=f"allow_anonymous true\npersistence true\npersistence_location {workdir}/\n")
+    broker.config.write_text(broker.config.read_text().replace("persistence false\n", ""))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def test_publications_made_while_the_broker_is_down_all_arrive(
+    tmp_path: Path, persistent_broker: Broker, prefix: str
+) -> None:
+    factory = SupervisorFactory(tmp_path, persistent_broker, prefix)
+    client_id = f"probe-{uuid.uuid4().hex[:8]}"
+    out = f"{prefix}/out"
+    probe = MqttProbe(persistent_broker.port, client_id=client_id, persistent=True)
+    try:
+        probe.subscribe(f"{out}/#")
+        factory.start({"ticker": {"out": out, "interval_seconds": 0.005}})
+        probe.wait_for(f"{out}/tick", count=50)
+        probe.close()
+        persistent_broker.stop()
+        wait_until(lambda: "disconnected from the broker" in factory.started[0].log(), 10, "the supervisor to notice")
+        stopped_at = max(int(m.text) for m in probe.received(f"{out}/tick"))
+        persistent_broker.start()
+        again = MqttProbe(persistent_broker.port, client_id=client_id, persistent=True)
+        try:
+            again.subscribe(f"{out}/#")
+            target = stopped_at + 400  # at 200 a second, well past the ~1 s outage
+            again.wait_for(f"{out}/tick", lambda m: int(m.text) >= target, timeout=30)
+            seen = {int(m.text) for m in probe.received(f"{out}/tick") + again.received(f"{out}/tick")}
+            assert set(range(target)) - seen == set()
+        finally:
+            again.close()
+    finally:
+        for process in factory.started:
+            process.cleanup()
+
+
+# Bad input ----------------------------------------------------------------------------------------------------------
+
+
+def test_an_oversized_payload_is_dropped_and_counted(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)}, {"mqtt": {"max_payload_bytes": 100}})
+    mqtt.publish(f"{prefix}/in/big", "x" * 200)
+    mqtt.publish(f"{prefix}/in/small", "small")
+    wait_echo(mqtt, f"{prefix}/out/echo", "small")
+    assert echoes_of(mqtt, prefix, "x" * 200) == []
+    assert f"dropped a message on {prefix}/in/big for worker echo: 200 bytes" in process.log()
+
+
+def test_a_retained_message_on_a_command_topic_is_dropped(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    mqtt.publish(f"{prefix}/in/cmd", "stale command", retain=True)
+    process = start(supervisors, mqtt, {"echo": echo(prefix, commands=True)})
+    mqtt.publish(f"{prefix}/in/cmd", "fresh command")
+    wait_echo(mqtt, f"{prefix}/out/echo", "fresh command")
+    assert echoes_of(mqtt, prefix, "stale command") == []
+    assert "a retained message on a command topic" in process.log()
+    mqtt.publish(f"{prefix}/in/cmd", "", retain=True)  # clear it
+
+
+def test_a_payload_the_worker_cannot_decode_is_counted_as_decode(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    mqtt.publish(f"{prefix}/in/x", "json:{not json")
+    mqtt.publish(f"{prefix}/in/x", "json:{}")
+    wait_echo(mqtt, f"{prefix}/out/echo", "json:{}")
+    assert f"error (decode): cannot decode the payload on {prefix}/in/x" in process.log()

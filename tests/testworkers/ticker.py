@@ -1,0 +1,28 @@
+"""Ticker: consumes nothing; publishes a counter (0, 1, 2, ...) on `<out>/tick` every `interval_seconds` at QoS 1.
+Touches nothing outside. Shows what happens to a worker's publications while the broker is away."""
+
+from __future__ import annotations
+
+import msgspec
+
+from contracts import Context, Worker
+
+
+class TickerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    out: str
+    interval_seconds: float = 0.01
+
+
+class Ticker(Worker[TickerConfig]):
+    """Publishes a counter on a timer."""
+
+    name = "ticker"
+    Config = TickerConfig
+
+    def on_start(self, ctx: Context) -> None:
+        self.count = 0
+        ctx.every(self.config.interval_seconds, lambda: self.tick(ctx))
+
+    def tick(self, ctx: Context) -> None:
+        ctx.publish(f"{self.config.out}/tick", str(self.count), qos=1)
+        self.count += 1
