@@ -42,6 +42,7 @@ PAYLOAD_BYTES = 150
 LATENCY_RATE = 1000
 LATENCY_MESSAGES = 2000
 LATENCY_RUNS = 7
+FLOOD_MESSAGES = 50_000
 RUN_TIMEOUT = 60.0
 # The bench broker: queues deep enough that a QoS 0 loss is the system's, not the broker's default 1000 limit.
 BROKER_ACCESS = "allow_anonymous true\nmax_queued_messages 100000\n"
@@ -97,7 +98,8 @@ def _ready(log_text: str, workers: int) -> bool:
 
 @contextmanager
 def baselines(broker: Broker, topics: list[tuple[str, str]], qos: int) -> Iterator[list[subprocess.Popen[str]]]:
-    """One baseline echo process per (in topic, out topic), each subscribed before the body runs."""
+    """One baseline process (the relay worker on its own paho client) per (in topic, out prefix), each subscribed
+    before the body runs."""
     script = str(Path(__file__).with_name("baseline_echo.py"))
     processes = [
         subprocess.Popen(
@@ -215,7 +217,7 @@ def run_all(broker: Broker, workdir: Path, results: dict[str, Any]) -> None:
                 functools.partial(supervisor, broker, workdir, relays(1, lambda i: ["bench/in"], qos)), load, qos
             )
             base_rate, base_lost = measure_throughput(
-                functools.partial(baselines, broker, [("bench/in", "bench/out/baseline")], qos), load, qos
+                functools.partial(baselines, broker, [("bench/in", "bench/out")], qos), load, qos
             )
             results[f"qos{qos}"] = {
                 "supervisor_msg_s": round(rate),
@@ -230,6 +232,7 @@ def run_all(broker: Broker, workdir: Path, results: dict[str, Any]) -> None:
     finally:
         load.close()
     results["memory"] = measure_memory(broker, workdir)
+    results["flood"] = measure_flood(broker, workdir)
     results["recovery"] = measure_recovery(broker, workdir)
 
 
@@ -244,7 +247,7 @@ def measure_latency(broker: Broker, workdir: Path, load: LoadGen) -> dict[str, A
     runs: dict[str, list[dict[str, float]]] = {"supervisor": [], "baseline": []}
     with (
         supervisor(broker, workdir, relays(1, lambda i: ["bench/lat/supervisor"], 1)),
-        baselines(broker, [("bench/lat/baseline", "bench/out/baseline")], 1),
+        baselines(broker, [("bench/lat/baseline", "bench/out")], 1),
     ):
         for _ in range(LATENCY_RUNS):
             for system, results in runs.items():
@@ -281,7 +284,7 @@ def measure_memory(broker: Broker, workdir: Path) -> dict[str, Any]:
         supervisor_pss = pss_bytes(process.pid)
         helper_pss = sum(pss_bytes(pid) for pid in helpers)
         worker_pss = [pss_bytes(pid) for pid in workers]
-    with baselines(broker, [(f"bench/idle/{i}", f"bench/out/b{i}") for i in range(4)], 1) as processes:
+    with baselines(broker, [(f"bench/idle/{i}", "bench/out") for i in range(4)], 1) as processes:
         time.sleep(1.0)
         baseline_pss = [pss_bytes(p.pid) for p in processes]
     total = supervisor_pss + helper_pss + sum(worker_pss)
@@ -295,6 +298,50 @@ def measure_memory(broker: Broker, workdir: Path) -> dict[str, Any]:
         "ratio": round(total / sum(baseline_pss), 2),
     }
     log(f"memory: {figures}")
+    return figures
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def measure_flood(broker: Broker, workdir: Path) -> dict[str, Any]:
+    """A QoS 0 flood at a worker that handles 500 messages a second: the supervisor's memory must stay bounded."""
+    workers = relays(1, lambda i: ["bench/flood"], 0)
+    workers["relay0"] |= {"delay_seconds": 0.002, "max_queued": 1000}
+    load = LoadGen(broker.port, "bench/out/#")
+    try:
+        with supervisor(broker, workdir, workers) as process:
+            before = rss_bytes(process.pid)
+            peak = before
+            stop = threading.Event()
+
+            def sample() -> None:
+                nonlocal peak
+                while not stop.wait(0.05):
+                    peak = max(peak, rss_bytes(process.pid))
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            arrivals = load.run(
+                ["bench/flood"], 0, FLOOD_MESSAGES, window=FLOOD_MESSAGES, timeout=RUN_TIMEOUT, quiet_seconds=3.0
+            )
+            stop.set()
+            sampler.join()
+    finally:
+        load.close()
+    figures = {
+        "messages": FLOOD_MESSAGES,
+        "handled": len(arrivals),
+        "dropped": FLOOD_MESSAGES - len(arrivals),
+        "rss_before_mib": mib(before),
+        "rss_peak_mib": mib(peak),
+        "growth_mib": mib(peak - before),
+    }
+    log(f"QoS 0 flood: {figures}")
     return figures
 
 
@@ -410,7 +457,7 @@ def print_table(r: dict[str, Any]) -> None:
                 "",
             )
         )
-    header = ("measure", "supervisor", "baseline (paho echo)", "ratio", "target")
+    header = ("measure", "supervisor", "baseline (one process per service)", "ratio", "target")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
     print(f"\nmake bench, {r['date']}, {r['machine']}, {r['seconds']} s")
     for row in [header, tuple("-" * w for w in widths), *rows]:
@@ -418,6 +465,12 @@ def print_table(r: dict[str, Any]) -> None:
     print(
         f"memory: supervisor {mem['supervisor_mib']} MiB, forkserver and resource tracker {mem['helpers_mib']} MiB, "
         f"workers {mem['worker_mib']} MiB; baseline processes {mem['baseline_process_mib']} MiB"
+    )
+    flood = r["flood"]
+    print(
+        f"QoS 0 flood of {flood['messages']} messages at a worker handling 500/s (max_queued 1000): "
+        f"{flood['handled']} handled, {flood['dropped']} dropped and counted; supervisor RSS "
+        f"{flood['rss_before_mib']} -> peak {flood['rss_peak_mib']} MiB (+{flood['growth_mib']})"
     )
 
 

@@ -3,6 +3,8 @@ Touches nothing outside. The benchmark's echo worker: the least work a worker ca
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 
 from contracts import Context, Message, Subscription, Worker
@@ -12,6 +14,7 @@ class RelayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     topics: list[str]
     out: str
     qos: int = 0
+    delay_seconds: float = 0.0  # time taken by every message, to make a slow consumer
 
 
 class Relay(Worker[RelayConfig]):
@@ -27,4 +30,6 @@ class Relay(Worker[RelayConfig]):
         self.topic = f"{self.config.out}/{ctx.name}"
 
     def on_message(self, ctx: Context, message: Message) -> None:
+        if self.config.delay_seconds:
+            time.sleep(self.config.delay_seconds)
         ctx.publish(self.topic, message.payload, qos=self.config.qos)
