@@ -34,9 +34,9 @@ def test_kill_9_of_a_worker_mid_stream_loses_nothing(
 ) -> None:
     start(supervisors, mqtt, {"echo": echo(prefix, qos=1, stable_after_seconds=0.1, delay_seconds=0.001)})
     out = f"{prefix}/out/echo"
-    payloads = publish_numbered(mqtt, f"{prefix}/in/x", 2000)
+    payloads = publish_numbered(mqtt, f"{prefix}/in/x", 3000)
     for kills in range(1, 4):
-        wait_until(lambda k=kills: len(echoed_payloads(mqtt, out)) >= 400 * k, 30, f"{400 * kills} echoes")
+        wait_until(lambda k=kills: len(echoed_payloads(mqtt, out)) >= 600 * k, 30, f"{600 * kills} echoes")
         os.kill(started_pids(mqtt, out)[-1], signal.SIGKILL)
         mqtt.wait_for(f"{out}/started", count=kills + 1)
     wait_until(lambda: echoed_payloads(mqtt, out) >= set(payloads), 60, "every message to be echoed")
@@ -72,8 +72,8 @@ def test_kill_9_of_the_supervisor_mid_stream_loses_nothing_after_a_restart(
     workers = {"echo": echo(prefix, qos=1, delay_seconds=0.002)}  # slower than the publisher: a backlog builds
     first = start(supervisors, mqtt, workers)
     out = f"{prefix}/out/echo"
-    payloads = publish_numbered(mqtt, f"{prefix}/in/x", 1500)
-    wait_until(lambda: len(echoed_payloads(mqtt, out)) >= 300, 30, "300 echoes before the kill")
+    payloads = publish_numbered(mqtt, f"{prefix}/in/x", 2000)
+    wait_until(lambda: len(echoed_payloads(mqtt, out)) >= 400, 30, "400 echoes before the kill")
     first.signal(signal.SIGKILL)
     first.wait()
     supervisors.start(workers)  # same client id and state directory: the session and the outbox carry over
