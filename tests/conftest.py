@@ -146,18 +146,29 @@ class SupervisorFactory:
         return process
 
 
+@contextlib.contextmanager
+def supervisors_on(
+    broker: Broker, tmp_path: Path, prefix: str, request: pytest.FixtureRequest
+) -> Iterator[SupervisorFactory]:
+    """Supervisors for this test on `broker`; all cleaned up after it, their logs shown if it failed."""
+    factory = SupervisorFactory(tmp_path, broker, prefix)
+    try:
+        yield factory
+    finally:
+        for process in factory.started:
+            process.cleanup()
+        failed = getattr(request.node, "rep_call", None)
+        if failed is not None and failed.failed:
+            for process in factory.started:
+                sys.stderr.write(f"\n--- supervisor log {process.log_path} ---\n{process.log()[-8000:]}\n")
+
+
 @pytest.fixture
 def supervisors(
     tmp_path: Path, broker: Broker, prefix: str, request: pytest.FixtureRequest
 ) -> Iterator[SupervisorFactory]:
-    factory = SupervisorFactory(tmp_path, broker, prefix)
-    yield factory
-    for process in factory.started:
-        process.cleanup()
-    failed = getattr(request.node, "rep_call", None)
-    if failed is not None and failed.failed:
-        for process in factory.started:
-            sys.stderr.write(f"\n--- supervisor log {process.log_path} ---\n{process.log()[-8000:]}\n")
+    with supervisors_on(broker, tmp_path, prefix, request) as factory:
+        yield factory
 
 
 @pytest.hookimpl(wrapper=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SupervisorFactory
+from conftest import SupervisorFactory, supervisors_on
 from support import Broker, MqttProbe, wait_until
 from test_supervisor import echo, start, started_pids, wait_echo
 
@@ -112,19 +112,18 @@ def persistent_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Brok
 
 
 def test_publications_made_while_the_broker_is_down_all_arrive(
-    tmp_path: Path, persistent_broker: Broker, prefix: str
+    tmp_path: Path, persistent_broker: Broker, prefix: str, request: pytest.FixtureRequest
 ) -> None:
-    factory = SupervisorFactory(tmp_path, persistent_broker, prefix)
     client_id = f"probe-{uuid.uuid4().hex[:8]}"
     out = f"{prefix}/out"
     probe = MqttProbe(persistent_broker.port, client_id=client_id, persistent=True)
-    try:
+    with supervisors_on(persistent_broker, tmp_path, prefix, request) as factory:
         probe.subscribe(f"{out}/#")
-        factory.start({"ticker": {"out": out, "interval_seconds": 0.005}})
+        process = factory.start({"ticker": {"out": out, "interval_seconds": 0.005}})
         probe.wait_for(f"{out}/tick", count=50)
         probe.close()
         persistent_broker.stop()
-        wait_until(lambda: "disconnected from the broker" in factory.started[0].log(), 10, "the supervisor to notice")
+        process.wait_log("disconnected from the broker")
         stopped_at = max(int(m.text) for m in probe.received(f"{out}/tick"))
         persistent_broker.start()
         again = MqttProbe(persistent_broker.port, client_id=client_id, persistent=True)
@@ -136,9 +135,6 @@ def test_publications_made_while_the_broker_is_down_all_arrive(
             assert set(range(target)) - seen == set()
         finally:
             again.close()
-    finally:
-        for process in factory.started:
-            process.cleanup()
 
 
 # Bad input ----------------------------------------------------------------------------------------------------------

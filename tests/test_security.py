@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SupervisorFactory
+from conftest import SupervisorFactory, supervisors_on
 from support import Broker, MqttProbe
 
 USER, PASSWORD = "alice", "s3cret"
@@ -26,11 +26,11 @@ def auth_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 @pytest.fixture
-def auth_supervisors(tmp_path: Path, auth_broker: Broker, prefix: str) -> Iterator[SupervisorFactory]:
-    factory = SupervisorFactory(tmp_path, auth_broker, prefix)
-    yield factory
-    for process in factory.started:
-        process.cleanup()
+def auth_supervisors(
+    tmp_path: Path, auth_broker: Broker, prefix: str, request: pytest.FixtureRequest
+) -> Iterator[SupervisorFactory]:
+    with supervisors_on(auth_broker, tmp_path, prefix, request) as factory:
+        yield factory
 
 
 @pytest.fixture
@@ -148,11 +148,11 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 @pytest.fixture
-def tls_supervisors(tmp_path: Path, tls_broker: Broker, prefix: str) -> Iterator[SupervisorFactory]:
-    factory = SupervisorFactory(tmp_path, tls_broker, prefix)
-    yield factory
-    for process in factory.started:
-        process.cleanup()
+def tls_supervisors(
+    tmp_path: Path, tls_broker: Broker, prefix: str, request: pytest.FixtureRequest
+) -> Iterator[SupervisorFactory]:
+    with supervisors_on(tls_broker, tmp_path, prefix, request) as factory:
+        yield factory
 
 
 def test_tls_with_the_brokers_ca_connects(tls_supervisors: SupervisorFactory, tls_broker: Broker) -> None:

@@ -274,15 +274,20 @@ def test_broker_restart_on_the_same_port_resumes_the_flow_and_birth(
     broker.stop()
     process.wait_log("disconnected from the broker")
     broker.start()
+    assert_echo_flows(broker, supervisors, "after the outage")
+    assert retained(broker, f"{supervisors.base}/availability") == "online"
+
+
+def assert_echo_flows(broker: Broker, supervisors: SupervisorFactory, payload: str) -> None:
+    """With a new client: wait for the supervisor to be online, then see `payload` echoed."""
     probe = MqttProbe(broker.port)
     try:
-        probe.subscribe(f"{prefix}/#")
+        probe.subscribe(f"{supervisors.prefix}/#")
         probe.wait_for(f"{supervisors.base}/availability", lambda m: m.text == "online")
-        probe.publish(f"{prefix}/in/x", "after the outage")
-        wait_echo(probe, f"{prefix}/out/echo", "after the outage")
+        probe.publish(f"{supervisors.prefix}/in/x", payload)
+        wait_echo(probe, f"{supervisors.prefix}/out/echo", payload)
     finally:
         probe.close()
-    assert retained(broker, f"{supervisors.base}/availability") == "online"
 
 
 def test_a_broker_that_is_down_at_boot_is_retried(supervisors: SupervisorFactory, broker: Broker, prefix: str) -> None:
@@ -290,14 +295,7 @@ def test_a_broker_that_is_down_at_boot_is_retried(supervisors: SupervisorFactory
     process = supervisors.start({"echo": echo(prefix)})
     process.wait_log("cannot reach the broker at 127.0.0.1:")
     broker.start()
-    probe = MqttProbe(broker.port)
-    try:
-        probe.subscribe(f"{prefix}/#")
-        probe.wait_for(f"{supervisors.base}/availability", lambda m: m.text == "online")
-        probe.publish(f"{prefix}/in/x", "late broker")
-        wait_echo(probe, f"{prefix}/out/echo", "late broker")
-    finally:
-        probe.close()
+    assert_echo_flows(broker, supervisors, "late broker")
     warnings = [line for line in process.log().splitlines() if "WARNING" in line and "cannot reach" in line]
     assert len(warnings) == 1  # once, not once per attempt
 
