@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import heapq
 import importlib
-import itertools
 import json
 import logging
 import os
@@ -41,9 +39,11 @@ from contracts import (
     Publish,
     Started,
     Stop,
+    Timer,
     Worker,
 )
 from supervisor.channel import Channel, ChannelClosed
+from supervisor.loop import Loop
 
 EXIT_START_FAILED = 3
 # What a handler raises when a payload is not what it expects: counted as `decode` errors, not handler failures.
@@ -119,31 +119,40 @@ def _die_with_parent() -> None:
         os._exit(0)  # the parent died before prctl took effect
 
 
-class _Timer:
-    __slots__ = ("callback", "cancelled", "interval", "when")
+class _Repeating:
+    """A callback run every `seconds` on the worker's loop until cancelled."""
 
-    def __init__(self, when: float, interval: float | None, callback: Callable[[], None]) -> None:
-        self.when = when
-        self.interval = interval
-        self.callback = callback
-        self.cancelled = False
+    def __init__(self, loop: Loop, seconds: float, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._seconds = seconds
+        self._callback = callback
+        self._next = loop.call_later(seconds, self._run)
+
+    def _run(self) -> None:
+        self._next = self._loop.call_later(self._seconds, self._run)  # before the callback, which may cancel us
+        self._callback()
 
     def cancel(self) -> None:
-        self.cancelled = True
+        self._next.cancel()
 
 
 class WorkerContext:
-    """The `contracts.Context` a worker is given; what it publishes is collected in `outgoing`."""
+    """The `contracts.Context` a worker is given; what it publishes is collected in `outgoing`.
 
-    def __init__(self, name: str, config: Any, state_dir: Path, clock: Callable[[], float] = time.time) -> None:
+    Timer callbacks run on the worker's loop between messages; an exception from one is counted as a `handler`
+    error and survived, as for message handlers.
+    """
+
+    def __init__(
+        self, name: str, config: Any, state_dir: Path, loop: Loop, clock: Callable[[], float] = time.time
+    ) -> None:
         self.name = name
         self.config = config
         self.state_dir = state_dir
         self.log = logging.getLogger(f"workers.{name}")
         self.outgoing: list[Outbound] = []
-        self.timers: list[tuple[float, int, _Timer]] = []
+        self._loop = loop
         self._clock = clock
-        self._sequence = itertools.count()
 
     def publish(
         self,
@@ -167,18 +176,23 @@ class WorkerContext:
     def now(self) -> float:
         return self._clock()
 
-    def every(self, seconds: float, callback: Callable[[], None]) -> _Timer:
-        return self._schedule(seconds, seconds, callback)
+    def every(self, seconds: float, callback: Callable[[], None]) -> Timer:
+        if seconds <= 0:
+            raise ValueError(f"every(): expected seconds > 0, got {seconds}")
+        return _Repeating(self._loop, seconds, self._guarded(callback))
 
-    def call_later(self, seconds: float, callback: Callable[[], None]) -> _Timer:
-        return self._schedule(seconds, None, callback)
+    def call_later(self, seconds: float, callback: Callable[[], None]) -> Timer:
+        return self._loop.call_later(seconds, self._guarded(callback))
 
-    def _schedule(self, delay: float, interval: float | None, callback: Callable[[], None]) -> _Timer:
-        if interval is not None and interval <= 0:
-            raise ValueError(f"every(): expected seconds > 0, got {interval}")
-        timer = _Timer(time.monotonic() + max(delay, 0.0), interval, callback)
-        heapq.heappush(self.timers, (timer.when, next(self._sequence), timer))
-        return timer
+    def _guarded(self, callback: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                callback()
+            except Exception as exc:  # policy: as for handlers, counted and survived
+                self.log.exception("timer callback failed")
+                self.report_error("handler", f"{type(exc).__name__}: {exc} (timer)")
+
+        return run
 
 
 class WorkerLoop:
@@ -190,9 +204,11 @@ class WorkerLoop:
         self.spec = spec
         self.worker = worker
         self.channel = channel
-        self.ctx = WorkerContext(spec.name, worker.config, state_dir)
+        self.loop = Loop()
+        self.ctx = WorkerContext(spec.name, worker.config, state_dir, self.loop)
         self.log = self.ctx.log
         self._last_sent = time.monotonic()
+        self._exit_code: int | None = None
 
     def run(self) -> int:
         try:
@@ -204,28 +220,30 @@ class WorkerLoop:
             return EXIT_START_FAILED
         self.ctx.outgoing.append(Started(pid=os.getpid()))
         self._flush()
-        while True:
-            self._wait()
-            for envelope in self.channel.receive():
-                match envelope:
-                    case Message():
-                        self._handle(envelope)
-                    case Stop():
-                        return self._stop()
-            if self.channel.closed:
-                self.log.info("the supervisor is gone; stopping")
-                return self._stop()
-            self._flush()  # report handled messages before a timer callback gets a chance to hang or crash
-            self._run_due_timers()
-            if time.monotonic() - self._last_sent >= self.spec.heartbeat_seconds:
-                self.ctx.outgoing.append(Heartbeat())
-            self._flush()
+        self.loop.add_reader(self.channel, self._readable)
+        self.loop.after_wakeup(self._flush)
+        self.ctx.every(self.spec.heartbeat_seconds, self._heartbeat)
+        while self._exit_code is None:
+            self.loop.run_once(max_wait=self.spec.heartbeat_seconds)
+        return self._exit_code
 
-    def _wait(self) -> None:
-        timeout = self.spec.heartbeat_seconds
-        if self.ctx.timers:
-            timeout = min(timeout, self.ctx.timers[0][0] - time.monotonic())
-        select.select([self.channel], [], [], max(timeout, 0.0))
+    def _readable(self) -> None:
+        for envelope in self.channel.receive():
+            match envelope:
+                case Message():
+                    self._handle(envelope)
+                case Stop():
+                    self._stop()
+                    return
+        if self.channel.closed:
+            self.log.info("the supervisor is gone; stopping")
+            self._stop()
+            return
+        self._flush()  # report handled messages before a timer callback gets a chance to hang or crash
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self._last_sent >= self.spec.heartbeat_seconds:
+            self.ctx.outgoing.append(Heartbeat())
 
     def _handle(self, message: Message) -> None:
         started = time.perf_counter()
@@ -244,29 +262,14 @@ class WorkerLoop:
         if finished - started >= _FLUSH_AFTER_SECONDS:
             self._flush()  # a slow handler should not hold back what it published
 
-    def _run_due_timers(self) -> None:
-        timers = self.ctx.timers
-        while timers and timers[0][0] <= time.monotonic():
-            _, sequence, timer = heapq.heappop(timers)
-            if timer.cancelled:
-                continue
-            try:
-                timer.callback()
-            except Exception as exc:  # policy: as for handlers, counted and survived
-                self.log.exception("timer callback failed")
-                self.ctx.report_error("handler", f"{type(exc).__name__}: {exc} (timer)")
-            if timer.interval is not None and not timer.cancelled:
-                timer.when = max(timer.when + timer.interval, time.monotonic())
-                heapq.heappush(timers, (timer.when, sequence, timer))
-
-    def _stop(self) -> int:
+    def _stop(self) -> None:
         try:
             self.worker.on_stop(self.ctx)
         except Exception as exc:  # policy: a failing stop is reported; the process still exits normally
             self.log.exception("on_stop failed")
             self.ctx.report_error("stop", f"{type(exc).__name__}: {exc}")
         self._flush()
-        return 0
+        self._exit_code = 0
 
     def _flush(self) -> None:
         """Send everything the worker queued, blocking while the supervisor's side of the pipe is full."""

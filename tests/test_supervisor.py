@@ -367,3 +367,15 @@ def test_every_start_method_routes_and_restarts(
     mqtt.wait_for(f"{out}/started", count=2)
     mqtt.publish(f"{prefix}/in/x", "after")
     assert wait_echo(mqtt, out, "after")["pid"] == started_pids(mqtt, out)[1]
+
+
+def test_a_timer_callback_exception_is_counted_and_the_worker_goes_on(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    mqtt.publish(f"{prefix}/in/x", "timer_raise")
+    process.wait_log("error (handler): ZeroDivisionError: division by zero (timer)")
+    mqtt.publish(f"{prefix}/in/x", "after the timer")
+    assert (
+        wait_echo(mqtt, f"{prefix}/out/echo", "after the timer")["pid"] == started_pids(mqtt, f"{prefix}/out/echo")[0]
+    )

@@ -3,7 +3,7 @@
 Consumes: every topic in `topics`. Produces: `<out>/started` (its pid) on start, and for each message a JSON reply
 on `<out>/echo` unless the payload is a command: `crash` exits the process at once, `crash_once:<path>` does so only if
 `<path>` does not exist yet (creating it first), `raise` raises in the handler,
-`hang` sleeps for an hour, `block` schedules a timer that sleeps for an hour (so heartbeats stop while no message
+`hang` sleeps for an hour, `timer_raise` schedules a timer that raises, `block` schedules a timer that sleeps for an hour (so heartbeats stop while no message
 is in hand), `sleep:<seconds>` sleeps then replies, `forward:<topic>` publishes to `<topic>`,
 `env:<NAME>` publishes the worker's environment variable NAME (or `<unset>`) on `<out>/env`, `json:<text>` parses
 `<text>` as JSON first (failing as a worker does on a payload it cannot decode).
@@ -57,6 +57,9 @@ class Echo(Worker[EchoConfig]):
             raise RuntimeError("asked to raise")
         if text == "hang":
             time.sleep(3600)
+        if text == "timer_raise":
+            ctx.call_later(0, lambda: 1 / 0)
+            return
         if text == "block":
             ctx.call_later(0, lambda: time.sleep(3600))
             return
