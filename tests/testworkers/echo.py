@@ -1,12 +1,15 @@
 """Echo: a test worker whose behaviour the payload chooses.
 
 Consumes: every topic in `topics`. Produces: `<out>/started` (its pid) on start, and for each message a JSON reply
-on `<out>/echo` unless the payload is a command: `crash` exits the process at once, `crash_once:<path>` does so only if
-`<path>` does not exist yet (creating it first), `raise` raises in the handler,
-`hang` sleeps for an hour, `timer_raise` schedules a timer that raises, `block` schedules a timer that sleeps for an hour (so heartbeats stop while no message
-is in hand), `sleep:<seconds>` sleeps then replies, `forward:<topic>` publishes to `<topic>`,
-`env:<NAME>` publishes the worker's environment variable NAME (or `<unset>`) on `<out>/env`, `json:<text>` parses
-`<text>` as JSON first (failing as a worker does on a payload it cannot decode).
+on `<out>/echo`, unless the payload is a command:
+- `crash` exits the process at once; `crash_once:<path>` does so only if `<path>` does not exist yet (creating it);
+- `raise` raises in the handler; `json:<text>` parses `<text>` as JSON first (failing as a worker does on a payload
+  it cannot decode);
+- `hang` sleeps for an hour; `sleep:<seconds>` sleeps, then replies;
+- `timer_raise` schedules a timer that raises; `block` schedules a timer that sleeps for an hour (so heartbeats stop
+  while no message is in hand);
+- `forward:<topic>` publishes to `<topic>`; `env:<NAME>` publishes the environment variable NAME (or `<unset>`)
+  on `<out>/env`.
 Touches nothing outside.
 """
 
