@@ -6,6 +6,10 @@ The map (imports only point down the list; `contracts` is shared with the worker
     core         the Supervisor: one selector loop wiring everything below together
     mqtt         the MQTT link: the only module that imports paho
     router       which workers a topic goes to (MQTT wildcard matching)
+    publishing   what workers publish, to local subscribers and the broker, durably for QoS >= 1
+    delivery     which messages are still owed to someone; acknowledgements in arrival order
+    outbox       QoS >= 1 publications on disk (SQLite) until everyone they were for has them
+    slot         one worker across its restarts: state, queue, messages in hand
     processes    worker processes: start, pipe, stop, kill, exit status
     supervision  restart policy: backoff, intensity, when a worker has failed
     runtime      the worker side of the pipe: the loop inside each worker process

@@ -11,88 +11,34 @@ intensity, which shuts the supervisor down with exit code 1 so the service manag
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import gc
 import itertools
-import json
 import logging
 import signal
 import socket
 import time
-from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import Enum
 
-import msgspec
-
-from contracts import (
-    ErrorReported,
-    Handled,
-    Heartbeat,
-    Inbound,
-    Message,
-    Outbound,
-    Publish,
-    Started,
-    Stop,
-    Subscription,
-)
+from contracts import ErrorReported, Handled, Heartbeat, Message, Outbound, Publish, Started, Stop, Subscription
 from supervisor.channel import ChannelClosed
 from supervisor.config import Settings, WorkerSettings
 from supervisor.delivery import Deliveries
 from supervisor.errors import ConfigError
-from supervisor.loop import Loop, TimerHandle
+from supervisor.loop import Loop
 from supervisor.mqtt import Incoming, MqttLink
-from supervisor.outbox import Outbox
 from supervisor.processes import ExitStatus, WorkerProcess, start_method_context
+from supervisor.publishing import Publisher
 from supervisor.router import InvalidTopicFilter, Router
 from supervisor.runtime import EXIT_START_FAILED
+from supervisor.slot import Offer, WorkerSlot, WorkerState
 from supervisor.supervision import RestartTracker, Verdict
 
 log = logging.getLogger("supervisor")
 
 _LIVENESS_CHECK_SECONDS = 0.25
 _KILL_GRACE_SECONDS = 2.0
-
-
-class WorkerState(Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-@dataclass(eq=False)
-class WorkerSlot:
-    """The supervisor's view of one configured worker, across its process incarnations."""
-
-    settings: WorkerSettings
-    tracker: RestartTracker
-    state: WorkerState = WorkerState.STOPPED
-    process: WorkerProcess | None = None
-    inflight: dict[int, Message] = field(default_factory=dict)  # handed to the process, in order
-    queued: deque[Message] = field(default_factory=deque)  # waiting for room in the process
-    outgoing: list[Inbound] = field(default_factory=list)  # to write at the end of this wake-up
-    errors: Counter[str] = field(default_factory=Counter)  # by kind, reported by the worker or about its input
-    restarts: Counter[str] = field(default_factory=Counter)
-    dropped: int = 0
-    handled: int = 0
-    dead_letters: int = 0
-    last_exit: str | None = None
-    last_seen: float = 0.0  # when the process last sent anything
-    progress_at: float = 0.0  # when the oldest in-flight message became the one to wait for
-    kill_reason: str | None = None
-    timer: TimerHandle | None = None
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
 
 
 def worker_subscriptions(settings: WorkerSettings) -> list[Subscription]:
@@ -132,12 +78,10 @@ class Supervisor:
         self.exit_code = 0
         self._ids = itertools.count(1)
         self._stopping = False
-        self._deliver_own_publications = settings.mqtt.protocol == 5  # 3.1.1 has no No Local: the broker echoes
         self._context: object = None
         self._wakeup: tuple[socket.socket, ...] = ()
-        self.outbox: Outbox | None = None
         self.deliveries = Deliveries(self.link.ack, self._forget_publication)
-        self._confirming: dict[int, int] = {}  # packet id of a publication to the broker -> its message id
+        self.publisher = Publisher(settings, self.router, self.link, self.deliveries, self._offer, self._ids)
 
     # Running ------------------------------------------------------------------------------------------------------
 
@@ -147,10 +91,9 @@ class Supervisor:
         wakeup = self._wakeup = self._install_signal_handlers()
         modules = sorted({"supervisor.runtime"} | {s.settings.worker_class.__module__ for s in self.slots.values()})
         self._context = start_method_context(self.settings.supervisor.start_method, modules)
-        self.outbox = Outbox(self.settings.state_dir / "outbox.sqlite3", self.settings.supervisor.outbox_sync.upper())
         for slot in self.slots.values():
             self._start(slot)
-        self._replay_outbox()
+        self.publisher.open()
         self.link.start()
         self.loop.after_wakeup(self._end_of_wakeup)
         self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
@@ -160,7 +103,7 @@ class Supervisor:
             while not (self._stopping and all(s.process is None for s in self.slots.values())):
                 self.loop.run_once()
             self.link.stop()
-            self.outbox.close()
+            self.publisher.close()
         finally:
             for slot in self.slots.values():  # only after a fatal error are any left
                 if slot.process is not None:
@@ -202,7 +145,7 @@ class Supervisor:
         self._stopping = True
         for slot in self.slots.values():
             self._cancel_timer(slot)
-            slot.queued.clear()
+            slot.queued.clear()  # still owed: the broker and the outbox deliver them again after the restart
             if slot.process is None:
                 slot.state = WorkerState.STOPPED
                 continue
@@ -242,17 +185,15 @@ class Supervisor:
             self._on_envelope(slot, envelope, now)
         if process.channel.closed:
             self.loop.remove_reader(process.channel)  # the exit status comes through the sentinel
-        self._refill(slot, now)
+        slot.refill(now)
 
     def _on_envelope(self, slot: WorkerSlot, envelope: Outbound, now: float) -> None:
         match envelope:
             case Handled(id=message_id):
-                if slot.inflight.pop(message_id, None) is not None:
+                if slot.finished(message_id, now):
                     self.deliveries.done(message_id)
-                slot.handled += 1
-                slot.progress_at = now
             case Publish():
-                self._publish_from(slot, envelope)
+                self.publisher.publish(slot.name, envelope)
             case ErrorReported(kind=kind):
                 slot.errors[kind] += 1
             case Started(pid=pid):
@@ -279,7 +220,10 @@ class Supervisor:
         self._cancel_timer(slot)
         reason = self._exit_reason(slot, status)
         slot.last_exit = f"{status.describe()} ({reason})"
-        self._requeue_inflight(slot)
+        poison = slot.take_back_unfinished()
+        if poison is not None:
+            self.publisher.dead_letter(slot.name, poison, slot.last_exit)
+            self.deliveries.done(poison.id)
         if self._stopping:
             slot.state = WorkerState.STOPPED
             log.info("worker %s stopped: %s", slot.name, status.describe())
@@ -314,7 +258,8 @@ class Supervisor:
                 )
             case Verdict.FAILED | Verdict.ESCALATE:
                 slot.state = WorkerState.FAILED
-                self._drop_queued(slot)
+                for message_id in slot.drop_queued():
+                    self.deliveries.done(message_id)
                 policy = slot.settings.supervision
                 log.error(
                     "worker %s failed: more than %d restarts in %g s (last: %s)",
@@ -327,53 +272,8 @@ class Supervisor:
                     log.critical("worker %s is significant: stopping the supervisor", slot.name)
                     self.shutdown(exit_code=1)
 
-    def _requeue_inflight(self, slot: WorkerSlot) -> None:
-        """Give the messages a dead process had not finished to its next incarnation, ahead of the queue.
-
-        The worker handles messages in order, so only the oldest unfinished one was in its handler when it died:
-        that one is marked redelivered (its attempt grows), or dead-lettered once it has been in the handler
-        during `dead_letter_after_crashes` deaths. The others were never started and keep their attempt.
-        """
-        if not slot.inflight:
-            return
-        head, *rest = slot.inflight.values()
-        slot.inflight.clear()
-        if head.attempt >= slot.settings.supervision.dead_letter_after_crashes:
-            self._dead_letter(slot, head)
-            self.deliveries.done(head.id)
-            again = rest
-        else:
-            again = [msgspec.structs.replace(head, attempt=head.attempt + 1), *rest]
-        slot.queued.extendleft(reversed(again))
-
-    def _dead_letter(self, slot: WorkerSlot, message: Message) -> None:
-        slot.dead_letters += 1
-        log.error(
-            "worker %s died %d times handling message %d on %s; sent to the dead-letter topic",
-            slot.name,
-            message.attempt,
-            message.id,
-            message.topic,
-        )
-        try:
-            text, encoded = message.payload.decode(), None
-        except UnicodeDecodeError:
-            text, encoded = None, base64.b64encode(message.payload).decode()
-        record = {
-            "worker": slot.name,
-            "topic": message.topic,
-            "payload": text,
-            "payload_base64": encoded,
-            "attempts": message.attempt,
-            "last_exit": slot.last_exit,
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        topic = f"{self.settings.supervisor.base_topic}/dead_letter"
-        self._publish_durably("supervisor", Publish(topic=topic, payload=json.dumps(record).encode(), qos=1))
-
     def _kill(self, slot: WorkerSlot, reason: str, detail: str) -> None:
-        if slot.process is None or slot.kill_reason is not None:
-            return
+        assert slot.process is not None
         log.error("worker %s (pid %d) %s; killing it", slot.name, slot.process.pid, detail)
         slot.kill_reason = reason
         slot.errors[reason] += 1
@@ -382,13 +282,9 @@ class Supervisor:
     def _check_liveness(self) -> None:
         now = self.loop.clock()
         for slot in self.slots.values():
-            policy = slot.settings.supervision
-            if slot.process is None or slot.state is WorkerState.STOPPING:
-                continue
-            if slot.inflight and now - slot.progress_at > policy.message_deadline_seconds:
-                self._kill(slot, "deadline", f"spent more than {policy.message_deadline_seconds:g} s on a message")
-            elif not slot.inflight and now - slot.last_seen > policy.heartbeat_timeout_seconds:
-                self._kill(slot, "heartbeat", f"sent no heartbeat for {policy.heartbeat_timeout_seconds:g} s")
+            verdict = slot.overdue(now)
+            if verdict is not None:
+                self._kill(slot, *verdict)
         self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
 
     def _cancel_timer(self, slot: WorkerSlot) -> None:
@@ -398,48 +294,17 @@ class Supervisor:
 
     # Routing ------------------------------------------------------------------------------------------------------
 
-    def _offer(self, slot: WorkerSlot, message: Message) -> None:
-        """Queue `message` for `slot`'s worker. Delivery bookkeeping expects exactly one `done` per offer."""
-        if slot.state is WorkerState.STOPPING:
-            return  # shutting down: still owed, so the broker or the outbox delivers it again after the restart
-        if slot.state in (WorkerState.FAILED, WorkerState.STOPPED):
-            slot.dropped += 1
+    def _offer(self, name: str, message: Message) -> None:
+        """Hand `message` to worker `name`; one `done` follows for it, unless the supervisor is stopping."""
+        if self.slots[name].offer(message, self.loop.clock()) in (Offer.REFUSED, Offer.DROPPED):
             self.deliveries.done(message.id)
-            return
-        # QoS >= 1 is never dropped for a full queue: from the broker it is bounded by [mqtt] receive_maximum, and
-        # from other workers it is on disk in the outbox. QoS 0 is best effort by definition: dropped and counted.
-        if message.qos == 0 and len(slot.queued) >= slot.settings.supervision.max_queued:
-            slot.dropped += 1
-            slot.errors["queue_full"] += 1
-            return
-        slot.queued.append(message)
-        self._refill(slot, self.loop.clock())
 
-    def _drop_queued(self, slot: WorkerSlot) -> None:
-        """A failed worker takes nothing: what waited for it is dropped, counted, and no longer owed."""
-        slot.dropped += len(slot.queued)
-        for message in slot.queued:
-            self.deliveries.done(message.id)
-        slot.queued.clear()
-
-    def _refill(self, slot: WorkerSlot, now: float) -> None:
-        """Move queued messages into the process while it has room."""
-        if slot.state is not WorkerState.RUNNING:
-            return
-        room = slot.settings.supervision.max_inflight - len(slot.inflight)
-        if room <= 0 or not slot.queued:
-            return
-        if not slot.inflight:
-            slot.progress_at = now
-        for _ in range(min(room, len(slot.queued))):
-            message = slot.queued.popleft()
-            slot.inflight[message.id] = message
-            slot.outgoing.append(message)
+    def _forget_publication(self, row: int) -> None:
+        self.publisher.forget(row)
 
     def _end_of_wakeup(self) -> None:
         """Make this wake-up's publications durable, then acknowledge, then write to workers and the broker."""
-        assert self.outbox is not None
-        self.outbox.commit()
+        self.publisher.commit()
         self.deliveries.release()
         self._write_to_workers()
         self.link.flush()
@@ -463,76 +328,6 @@ class Supervisor:
         if done:
             self.loop.remove_writer(process.channel)
 
-    def _publish_from(self, slot: WorkerSlot, publication: Publish) -> None:
-        if publication.qos > 0:
-            self._publish_durably(slot.name, publication)
-            return
-        receivers = self._local_receivers(slot.name, publication)
-        if receivers:
-            message = Message(id=next(self._ids), topic=publication.topic, payload=publication.payload)
-            for name in receivers:
-                self._offer(self.slots[name], message)
-        if not publication.local_only:
-            self._send(publication)
-
-    def _publish_durably(self, source: str, publication: Publish) -> None:
-        """A QoS >= 1 publication: stored in the outbox until the broker and every local subscriber have it."""
-        assert self.outbox is not None
-        receivers = self._local_receivers(source, publication)
-        parts = len(receivers) + (0 if publication.local_only else 1)
-        if parts == 0:
-            return
-        message_id = next(self._ids)
-        self.deliveries.expect_outbound(message_id, self.outbox.add(source, publication), parts)
-        self._deliver_publication(message_id, receivers, publication)
-
-    def _deliver_publication(self, message_id: int, receivers: list[str], publication: Publish) -> None:
-        if receivers:
-            message = Message(id=message_id, topic=publication.topic, payload=publication.payload, qos=publication.qos)
-            for name in receivers:
-                self._offer(self.slots[name], message)
-        if not publication.local_only:
-            mid = self._send(publication)
-            if mid is None:
-                self.deliveries.done(message_id)  # refused by paho outright: counted as a publish error
-            else:
-                self._confirming[mid] = message_id
-
-    def _local_receivers(self, source: str, publication: Publish) -> list[str]:
-        """Workers (other than the publisher) that get `publication` straight from the supervisor.
-
-        Under MQTT 3.1.1 (no No Local) a publication that also goes to the broker comes back from it, and is
-        delivered from there instead.
-        """
-        if not (publication.local_only or self._deliver_own_publications):
-            return []
-        return [name for name in self.router.workers(publication.topic) if name != source]
-
-    def _send(self, publication: Publish) -> int | None:
-        expiry = publication.expiry
-        if expiry is None and not publication.retain:
-            expiry = self.settings.mqtt.message_expiry_seconds
-        return self.link.publish(publication.topic, publication.payload, publication.qos, publication.retain, expiry)
-
-    def _replay_outbox(self) -> None:
-        """Deliver again what a previous run stored and had not finished delivering (at least once)."""
-        assert self.outbox is not None
-        pending = self.outbox.pending()
-        if pending:
-            log.info("replaying %d publication(s) left in the outbox by the previous run", len(pending))
-        for row, source, publication in pending:
-            receivers = self._local_receivers(source, publication)
-            parts = len(receivers) + (0 if publication.local_only else 1)
-            message_id = next(self._ids)
-            self.deliveries.expect_outbound(message_id, row, max(parts, 1))
-            if parts == 0:
-                self.deliveries.done(message_id)
-            self._deliver_publication(message_id, receivers, publication)
-
-    def _forget_publication(self, row: int) -> None:
-        assert self.outbox is not None
-        self.outbox.remove(row)
-
     # LinkListener -------------------------------------------------------------------------------------------------
 
     def link_connected(self, session_present: bool) -> None:
@@ -542,12 +337,7 @@ class Supervisor:
         self.deliveries.connection_lost()
 
     def publish_confirmed(self, mid: int, failure: str | None) -> None:
-        message_id = self._confirming.pop(mid, None)
-        if message_id is None:
-            return  # a QoS 0 publication, or one of the link's own (birth, will)
-        if failure is not None:
-            log.warning("the broker refused publication %d: %s", mid, failure)
-        self.deliveries.done(message_id)
+        self.publisher.confirmed(mid, failure)
 
     def message_received(self, message: Incoming) -> None:
         """Route a message from the broker. QoS >= 1 is acknowledged once every receiver has finished it."""
@@ -569,7 +359,7 @@ class Supervisor:
             correlation_data=message.correlation_data,
         )
         for name in receivers:
-            self._offer(self.slots[name], routed)
+            self._offer(name, routed)
 
     def _receivers(self, message: Incoming) -> list[str]:
         """The workers `message` goes to: bad input is counted against each worker it was meant for, and dropped."""

@@ -1,0 +1,134 @@
+"""The pure bookkeeping behind the delivery guarantees: acknowledgement order, the outbox ledger, a worker's queue."""
+
+from __future__ import annotations
+
+import random
+
+from testworkers.echo import Echo, EchoConfig
+
+from contracts import Message
+from supervisor.config import WorkerSettings, WorkerSupervision
+from supervisor.delivery import Deliveries
+from supervisor.slot import Offer, WorkerSlot, WorkerState
+from supervisor.supervision import RestartTracker
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.acks: list[tuple[int, int]] = []
+        self.forgotten: list[int] = []
+
+    def deliveries(self) -> Deliveries:
+        return Deliveries(lambda mid, qos: self.acks.append((mid, qos)), self.forgotten.append)
+
+
+def test_acknowledgements_wait_for_every_earlier_message() -> None:
+    r = Recorder()
+    d = r.deliveries()
+    d.expect_inbound(1, mid=101, qos=1, receivers=2)
+    d.expect_inbound(2, mid=102, qos=1, receivers=1)
+    d.done(2)
+    d.release()
+    assert r.acks == []  # 2 is finished, but 1 is not
+    d.done(1)
+    d.release()
+    assert r.acks == []  # 1 still waits for its second receiver
+    d.done(1)
+    d.release()
+    assert r.acks == [(101, 1), (102, 1)]
+    assert d.unacknowledged == 0
+
+
+def test_a_message_routed_to_nobody_is_acknowledged_at_once() -> None:
+    r = Recorder()
+    d = r.deliveries()
+    d.expect_inbound(1, mid=7, qos=2, receivers=0)
+    d.release()
+    assert r.acks == [(7, 2)]
+
+
+def test_nothing_from_a_lost_connection_is_acknowledged_on_the_next() -> None:
+    r = Recorder()
+    d = r.deliveries()
+    d.expect_inbound(1, mid=5, qos=1, receivers=1)
+    d.connection_lost()
+    d.expect_inbound(2, mid=5, qos=1, receivers=1)  # the broker sends it again, perhaps under the same packet id
+    d.done(1)
+    d.done(2)
+    d.release()
+    assert r.acks == [(5, 1)]  # once, for the message of the current connection
+
+
+def test_a_publication_is_forgotten_once_every_part_is_done() -> None:
+    r = Recorder()
+    d = r.deliveries()
+    d.expect_outbound(9, row=42, parts=3)
+    d.done(9)
+    d.done(9)
+    assert r.forgotten == []
+    d.done(9)
+    assert r.forgotten == [42]
+
+
+def slot(**policy: object) -> WorkerSlot:
+    settings = WorkerSettings(
+        name="echo",
+        worker_class=Echo,
+        supervision=WorkerSupervision(**policy),  # type: ignore[arg-type]
+        config=EchoConfig(topics=["t"], out="o"),
+    )
+    s = WorkerSlot(settings, RestartTracker(settings.supervision, random.Random(1)))
+    s.state = WorkerState.RUNNING
+    return s
+
+
+def message(i: int, qos: int = 1) -> Message:
+    return Message(id=i, topic="t", payload=b"p", qos=qos)
+
+
+def test_only_the_message_in_the_handler_is_marked_redelivered_after_a_death() -> None:
+    s = slot(max_inflight=2)
+    for i in (1, 2, 3):
+        s.offer(message(i), now=0.0)
+    assert [m.id for m in s.outgoing] == [1, 2] and [m.id for m in s.queued] == [3]
+    assert s.take_back_unfinished() is None
+    assert [(m.id, m.attempt) for m in s.queued] == [(1, 2), (2, 1), (3, 1)]
+
+
+def test_a_message_in_hand_at_too_many_deaths_is_given_up_for_dead_lettering() -> None:
+    s = slot(dead_letter_after_crashes=2)
+    s.offer(message(1), now=0.0)
+    s.offer(message(2), now=0.0)
+    assert s.take_back_unfinished() is None  # first death: attempt 2
+    s.refill(now=1.0)
+    poison = s.take_back_unfinished()  # second death with it in hand
+    assert poison is not None and (poison.id, poison.attempt) == (1, 2)
+    assert [m.id for m in s.queued] == [2] and s.dead_letters == 1
+
+
+def test_qos_0_to_a_full_queue_is_dropped_but_qos_1_is_kept() -> None:
+    s = slot(max_inflight=1, max_queued=1)
+    assert s.offer(message(1, qos=0), now=0.0) is Offer.QUEUED  # in flight
+    assert s.offer(message(2, qos=0), now=0.0) is Offer.QUEUED  # queued
+    assert s.offer(message(3, qos=0), now=0.0) is Offer.DROPPED
+    assert s.offer(message(4, qos=1), now=0.0) is Offer.QUEUED
+    assert s.errors["queue_full"] == 1 and s.dropped == 1
+
+
+def test_a_failed_worker_refuses_and_a_stopping_one_holds() -> None:
+    s = slot()
+    s.state = WorkerState.FAILED
+    assert s.offer(message(1), now=0.0) is Offer.REFUSED
+    s.state = WorkerState.STOPPING
+    assert s.offer(message(2), now=0.0) is Offer.HELD
+
+
+def test_overdue_distinguishes_a_stuck_message_from_a_silent_idle_worker() -> None:
+    s = slot(message_deadline_seconds=5.0, heartbeat_timeout_seconds=10.0)
+    s.process = object()  # type: ignore[assignment]  # only its presence matters here
+    assert s.overdue(now=9.0) is None
+    assert s.overdue(now=11.0) == ("heartbeat", "sent no heartbeat for 10 s")
+    s.last_seen = 11.0
+    s.offer(message(1), now=11.0)
+    assert s.overdue(now=15.0) is None
+    assert s.overdue(now=16.5) == ("deadline", "spent more than 5 s on a message")
