@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= deploy/config.toml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check bench mosquitto clean
+.PHONY: run test check bench mosquitto promtool clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { echo 'installing python3-venv with apt-get'; \
@@ -21,10 +21,20 @@ mosquitto:
 	  echo "installing mosquitto with apt-get"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto; }
 
+# promtool (from Debian's prometheus package) checks the /metrics output. The package also installs a Prometheus
+# server, so it is installed by itself only in CI; elsewhere the promtool test is skipped unless you install it.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  if [ "$${CI:-}" = true ]; then \
+	    echo "installing promtool (Debian's prometheus package) with apt-get"; \
+	    $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	      --no-install-recommends prometheus; \
+	  else echo "promtool not found: its test is skipped (apt-get install prometheus to run it)"; fi; }
+
 run: $(VENV)/.installed
 	scripts/run-local $(PY) $(CONFIG)
 
-test: $(VENV)/.installed mosquitto
+test: $(VENV)/.installed mosquitto promtool
 	$(PY) -m pytest
 
 check: $(VENV)/.installed

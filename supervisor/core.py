@@ -22,11 +22,13 @@ import time
 from collections.abc import Callable
 
 from contracts import ErrorReported, Handled, Heartbeat, Message, Outbound, Publish, Started, Stop, Subscription
+from supervisor import __version__
 from supervisor.channel import ChannelClosed
 from supervisor.config import Settings, WorkerSettings
 from supervisor.delivery import Deliveries
 from supervisor.errors import ConfigError
 from supervisor.loop import Loop
+from supervisor.metrics import MetricsServer
 from supervisor.mqtt import Incoming, MqttLink
 from supervisor.processes import ExitStatus, WorkerProcess, start_method_context
 from supervisor.publishing import Publisher
@@ -82,6 +84,8 @@ class Supervisor:
         self._wakeup: tuple[socket.socket, ...] = ()
         self.deliveries = Deliveries(self.link.ack, self._forget_publication)
         self.publisher = Publisher(settings, self.router, self.link, self.deliveries, self._offer, self._ids)
+        self.version = __version__
+        self.metrics: MetricsServer | None = None
 
     # Running ------------------------------------------------------------------------------------------------------
 
@@ -91,6 +95,8 @@ class Supervisor:
         wakeup = self._wakeup = self._install_signal_handlers()
         modules = sorted({"supervisor.runtime"} | {s.settings.worker_class.__module__ for s in self.slots.values()})
         self._context = start_method_context(self.settings.supervisor.start_method, modules)
+        if self.settings.metrics.port:
+            self.metrics = MetricsServer(self.loop, self.settings.metrics.bind, self.settings.metrics.port, self)
         for slot in self.slots.values():
             self._start(slot)
         self.publisher.open()
@@ -104,6 +110,8 @@ class Supervisor:
                 self.loop.run_once()
             self.link.stop()
             self.publisher.close()
+            if self.metrics is not None:
+                self.metrics.close()
         finally:
             for slot in self.slots.values():  # only after a fatal error are any left
                 if slot.process is not None:
@@ -189,8 +197,8 @@ class Supervisor:
 
     def _on_envelope(self, slot: WorkerSlot, envelope: Outbound, now: float) -> None:
         match envelope:
-            case Handled(id=message_id):
-                if slot.finished(message_id, now):
+            case Handled(id=message_id, seconds=seconds):
+                if slot.finished(message_id, now, seconds):
                     self.deliveries.done(message_id)
             case Publish():
                 self.publisher.publish(slot.name, envelope)
@@ -327,6 +335,20 @@ class Supervisor:
             done = True
         if done:
             self.loop.remove_writer(process.channel)
+
+    # What the metrics and the status read ---------------------------------------------------------------------------
+
+    @property
+    def mqtt_connected(self) -> bool:
+        return self.link.connected
+
+    @property
+    def mqtt_counters(self) -> tuple[int, int, int, int]:
+        return self.link.reconnects, self.link.received, self.link.published, self.link.publish_errors
+
+    @property
+    def outbox_backlog(self) -> int:
+        return self.publisher.backlog
 
     # LinkListener -------------------------------------------------------------------------------------------------
 

@@ -161,6 +161,8 @@ class MqttLink:
         self.connected = False
         self.reconnects = 0
         self.publish_errors = 0
+        self.received = 0  # messages from the broker
+        self.published = 0  # publications handed to the broker
         self._subscriptions: list[tuple[str, int, int]] = []
         self._numbered = False
         self._unacknowledged: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its filters
@@ -210,6 +212,7 @@ class MqttLink:
             self.publish_errors += 1
             log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
             return None
+        self.published += 1
         return info.mid
 
     def ack(self, mid: int, qos: int) -> None:
@@ -526,6 +529,7 @@ class MqttLink:
         self.listener.publish_confirmed(mid, failure)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self.received += 1
         try:
             topic = msg.topic
         except UnicodeDecodeError:

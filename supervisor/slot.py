@@ -6,6 +6,7 @@ so of the messages handed to a process (`inflight`) the oldest is the one in its
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -17,6 +18,9 @@ from supervisor.config import WorkerSettings
 from supervisor.loop import TimerHandle
 from supervisor.processes import WorkerProcess
 from supervisor.supervision import RestartTracker
+
+# Upper bounds (seconds) of the message-handling latency histogram.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class WorkerState(Enum):
@@ -58,6 +62,9 @@ class WorkerSlot:
     progress_at: float = 0.0  # since when the oldest in-flight message has been the one to wait for
     kill_reason: str | None = None
     timer: TimerHandle | None = None
+    command: str | None = None  # "stop" or "restart", asked for by a person, carried out once the process exits
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # last: +Inf
+    latency_sum: float = 0.0
 
     @property
     def name(self) -> str:
@@ -96,10 +103,12 @@ class WorkerSlot:
             self.inflight[message.id] = message
             self.outgoing.append(message)
 
-    def finished(self, message_id: int, now: float) -> bool:
-        """The process finished `message_id`; True when it was one this slot was waiting for."""
+    def finished(self, message_id: int, now: float, seconds: float) -> bool:
+        """The process finished `message_id` after `seconds` of handling; True when this slot was waiting for it."""
         self.handled += 1
         self.progress_at = now
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
         return self.inflight.pop(message_id, None) is not None
 
     def take_back_unfinished(self) -> Message | None:

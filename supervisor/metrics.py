@@ -1,0 +1,229 @@
+"""Metrics: the supervisor's state in Prometheus form, served on `[metrics] bind`:`port` from the supervisor's loop.
+
+Nothing is counted twice: a collector reads the worker slots, the MQTT link and the outbox when Prometheus scrapes.
+The HTTP endpoint runs in the selector loop rather than in prometheus_client's server thread, because the
+supervisor must stay single-threaded to fork its workers safely. Per-worker memory and CPU come from /proc.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from supervisor.loop import Loop
+from supervisor.slot import LATENCY_BUCKETS, WorkerSlot, WorkerState
+
+log = logging.getLogger(__name__)
+
+PREFIX = "supervisor_"
+# Kinds and reasons every worker reports at 0 from the start, so that rate() and alerts work before the first one.
+ERROR_KINDS = ("handler", "decode", "start", "oversized", "retained_command", "queue_full", "deadline", "heartbeat")
+RESTART_REASONS = ("exit", "killed", "start_failed", "deadline", "heartbeat", "command")
+_REQUEST_LIMIT = 8192
+_CONNECTION_SECONDS = 10.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Observed(Protocol):
+    """What the collector reads: the supervisor's state."""
+
+    version: str
+
+    @property
+    def slots(self) -> Mapping[str, WorkerSlot]: ...
+
+    @property
+    def mqtt_connected(self) -> bool: ...
+
+    @property
+    def mqtt_counters(self) -> tuple[int, int, int, int]:
+        """Reconnects, messages received, messages published, publish errors."""
+        ...
+
+    @property
+    def outbox_backlog(self) -> int: ...
+
+
+class SupervisorCollector(Collector):
+    """Every `supervisor_*` metric, from the supervisor's state at scrape time."""
+
+    def __init__(self, observed: Observed) -> None:
+        self.observed = observed
+        self._cpu_before: dict[str, float] = {}  # CPU seconds of a worker's earlier processes
+        self._cpu_last: dict[str, tuple[int, float]] = {}  # (pid, CPU seconds) at the last scrape
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._workers()
+        yield from self._mqtt()
+        outbox = GaugeMetricFamily(PREFIX + "outbox_messages", "Publications in the outbox not yet fully delivered.")
+        outbox.add_metric([], self.observed.outbox_backlog)
+        yield outbox
+        info = GaugeMetricFamily(PREFIX + "build_info", "The running version.", labels=["version"])
+        info.add_metric([self.observed.version], 1)
+        yield info
+
+    def _workers(self) -> Iterator[Metric]:
+        errors = CounterMetricFamily(PREFIX + "worker_errors", "Errors by worker and kind.", labels=["worker", "kind"])
+        restarts = CounterMetricFamily(
+            PREFIX + "worker_restarts", "Restarts by worker and reason.", labels=["worker", "reason"]
+        )
+        up = GaugeMetricFamily(PREFIX + "worker_up", "1 while the worker runs.", labels=["worker"])
+        depth = GaugeMetricFamily(PREFIX + "worker_queue_depth", "Messages waiting for the worker.", labels=["worker"])
+        inflight = GaugeMetricFamily(
+            PREFIX + "worker_inflight_messages", "Messages handed to the worker, not yet handled.", labels=["worker"]
+        )
+        dead = CounterMetricFamily(PREFIX + "dead_letters", "Messages given up after crashes.", labels=["worker"])
+        latency = HistogramMetricFamily(
+            PREFIX + "message_handling_seconds", "Time a worker takes to handle a message.", labels=["worker"]
+        )
+        memory = GaugeMetricFamily(
+            PREFIX + "worker_resident_memory_bytes", "Resident memory of the worker process.", labels=["worker"]
+        )
+        cpu = CounterMetricFamily(
+            PREFIX + "worker_cpu_seconds", "CPU time of the worker's processes.", labels=["worker"]
+        )
+        for name, slot in self.observed.slots.items():
+            for kind in sorted(set(ERROR_KINDS) | set(slot.errors)):
+                errors.add_metric([name, kind], slot.errors[kind])
+            for reason in sorted(set(RESTART_REASONS) | set(slot.restarts)):
+                restarts.add_metric([name, reason], slot.restarts[reason])
+            up.add_metric([name], 1 if slot.state is WorkerState.RUNNING else 0)
+            depth.add_metric([name], len(slot.queued))
+            inflight.add_metric([name], len(slot.inflight))
+            dead.add_metric([name], slot.dead_letters)
+            latency.add_metric([name], _buckets(slot.latency_counts), slot.latency_sum)
+            rss, seconds = self._usage(name, slot)
+            memory.add_metric([name], rss)
+            cpu.add_metric([name], seconds)
+        yield from (errors, restarts, up, depth, inflight, dead, latency, memory, cpu)
+
+    def _mqtt(self) -> Iterator[Metric]:
+        reconnects, received, published, failed = self.observed.mqtt_counters
+        connected = GaugeMetricFamily(PREFIX + "mqtt_connected", "1 while connected to the broker.")
+        connected.add_metric([], 1 if self.observed.mqtt_connected else 0)
+        yield connected
+        for name, text, value in (
+            ("mqtt_reconnects", "Connections to the broker after the first.", reconnects),
+            ("mqtt_messages_received", "Messages received from the broker.", received),
+            ("mqtt_messages_published", "Publications handed to the broker.", published),
+            ("mqtt_publish_errors", "Publications dropped or refused.", failed),
+        ):
+            counter = CounterMetricFamily(PREFIX + name, text)
+            counter.add_metric([], value)
+            yield counter
+
+    def _usage(self, name: str, slot: WorkerSlot) -> tuple[int, float]:
+        """Resident bytes now, and CPU seconds over all the worker's processes (earlier ones as last scraped)."""
+        pid, seconds = self._cpu_last.get(name, (0, 0.0))
+        process = slot.process
+        current = process.pid if process is not None else 0
+        if current != pid:  # a new process (or none): what the old one used so far is history
+            self._cpu_before[name] = self._cpu_before.get(name, 0.0) + seconds
+            self._cpu_last[name] = (current, 0.0)
+        rss, now = _read_proc(current) if current else (0, 0.0)
+        if current:
+            self._cpu_last[name] = (current, now)
+        return rss, self._cpu_before.get(name, 0.0) + now
+
+
+def _buckets(counts: list[int]) -> list[tuple[str, float]]:
+    cumulative = 0
+    out: list[tuple[str, float]] = []
+    for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], counts, strict=True):
+        cumulative += count
+        out.append((bound, cumulative))
+    return out
+
+
+def _read_proc(pid: int) -> tuple[int, float]:
+    """(resident bytes, CPU seconds) of process `pid`, or zeros when it is gone."""
+    try:
+        resident = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE_SIZE
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, ValueError):
+        return 0, 0.0
+    return resident, (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+class MetricsServer:
+    """A minimal HTTP/1.0 server for GET /metrics, on the supervisor's loop."""
+
+    def __init__(self, loop: Loop, bind: str, port: int, observed: Observed) -> None:
+        self.loop = loop
+        self.registry = CollectorRegistry()
+        self.registry.register(SupervisorCollector(observed))
+        self.sock = socket.create_server((bind, port), reuse_port=False)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        loop.add_reader(self.sock, self._accept)
+        log.info("metrics on http://%s:%d/metrics", bind, self.port)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        request = bytearray()
+        deadline = self.loop.call_later(_CONNECTION_SECONDS, lambda: self._close(conn))
+        self.loop.add_reader(conn, lambda: self._read(conn, request, deadline))
+
+    def _read(self, conn: socket.socket, request: bytearray, deadline: object) -> None:
+        try:
+            chunk = conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        request += chunk
+        if not chunk or len(request) > _REQUEST_LIMIT:
+            self._close(conn)
+            return
+        if b"\r\n\r\n" not in request:
+            return
+        self.loop.remove_reader(conn)
+        self._respond(conn, bytes(request.split(b"\r\n", 1)[0]))
+
+    def _respond(self, conn: socket.socket, request_line: bytes) -> None:
+        parts = request_line.split()
+        if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (b"/metrics", b"/"):
+            status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        else:
+            status, content_type, body = "404 Not Found", "text/plain", b"only GET /metrics is served here\n"
+        head = f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+        pending = bytearray(head.encode() + body)
+        self._write(conn, pending)
+
+    def _write(self, conn: socket.socket, pending: bytearray) -> None:
+        try:
+            sent = conn.send(pending)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(conn)
+            return
+        del pending[:sent]
+        if pending:
+            self.loop.add_writer(conn, lambda: self._write(conn, pending))
+        else:
+            self._close(conn)
+
+    def _close(self, conn: socket.socket) -> None:
+        if conn.fileno() == -1:
+            return
+        self.loop.remove_reader(conn)
+        self.loop.remove_writer(conn)
+        conn.close()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock)
+        self.sock.close()

@@ -1,0 +1,130 @@
+"""Health surfaces: the Prometheus endpoint, the retained status, per-worker availability, the control API, systemd."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import SupervisorFactory
+from prometheus_client.parser import text_string_to_metric_families
+from support import MqttProbe, free_port, wait_until
+from test_supervisor import echo, start, started_pids, wait_echo
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC_METRICS = {
+    "supervisor_worker_errors_total": {"worker", "kind"},
+    "supervisor_worker_restarts_total": {"worker", "reason"},
+    "supervisor_worker_up": {"worker"},
+    "supervisor_worker_queue_depth": {"worker"},
+    "supervisor_worker_inflight_messages": {"worker"},
+    "supervisor_message_handling_seconds_bucket": {"worker", "le"},
+    "supervisor_dead_letters_total": {"worker"},
+    "supervisor_worker_resident_memory_bytes": {"worker"},
+    "supervisor_worker_cpu_seconds_total": {"worker"},
+    "supervisor_mqtt_connected": set(),
+    "supervisor_mqtt_reconnects_total": set(),
+    "supervisor_mqtt_messages_received_total": set(),
+    "supervisor_mqtt_messages_published_total": set(),
+    "supervisor_mqtt_publish_errors_total": set(),
+    "supervisor_outbox_messages": set(),
+    "supervisor_build_info": {"version"},
+}
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
+        return response.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, frozenset(labels.items()))]
+
+
+def scrape_until(port: int, name: str, expected: float, **labels: str) -> str:
+    """Scrape until `name{labels}` has the value `expected`; returns that scrape."""
+
+    def attempt() -> str | None:
+        text = scrape(port)
+        return text if value(text, name, **labels) == expected else None
+
+    result: str = wait_until(attempt, 5, f"{name}{labels} == {expected}")
+    return result
+
+
+def test_every_spec_metric_is_served_with_live_values(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    port = free_port()
+    start(
+        supervisors,
+        mqtt,
+        {"echo": echo(prefix), "idle": echo(prefix, "idle", [f"{prefix}/nothing"])},
+        {"metrics": {"port": port}},
+    )
+    mqtt.publish(f"{prefix}/in/x", "raise")
+    mqtt.publish(f"{prefix}/in/x", "hello")
+    wait_echo(mqtt, f"{prefix}/out/echo", "hello")
+    text = scrape_until(port, "supervisor_worker_errors_total", 1, worker="echo", kind="handler")
+    found = {name: set(labels) for name, labels in ((n, dict(ls)) for n, ls in samples(text))}
+    for name, labels in SPEC_METRICS.items():
+        assert name in found, name
+        assert set(found[name]) == labels, (name, found[name])
+    assert value(text, "supervisor_worker_up", worker="echo") == 1
+    assert value(text, "supervisor_worker_errors_total", worker="idle", kind="handler") == 0  # pre-initialised
+    assert value(text, "supervisor_worker_restarts_total", worker="idle", reason="killed") == 0
+    assert value(text, "supervisor_mqtt_connected") == 1
+    assert value(text, "supervisor_message_handling_seconds_count", worker="echo") >= 2
+    assert value(text, "supervisor_worker_resident_memory_bytes", worker="echo") > 1_000_000
+    assert value(text, "supervisor_build_info", version="0.1.0") == 1
+    assert not any(name.endswith("_created") for name, _ in samples(text))
+
+
+def test_promtool_accepts_the_metrics(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing: in CI `make test` installs Debian's prometheus package for it")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    port = free_port()
+    start(supervisors, mqtt, {"echo": echo(prefix)}, {"metrics": {"port": port}})
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=scrape(port), capture_output=True, text=True, check=False, timeout=30
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_metrics_follow_a_worker_kill_and_restart(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
+    port = free_port()
+    start(supervisors, mqtt, {"echo": echo(prefix)}, {"metrics": {"port": port}})
+    os.kill(started_pids(mqtt, f"{prefix}/out/echo")[0], signal.SIGKILL)
+    mqtt.wait_for(f"{prefix}/out/echo/started", count=2)
+    text = scrape_until(port, "supervisor_worker_up", 1, worker="echo")
+    assert value(text, "supervisor_worker_restarts_total", worker="echo", reason="killed") == 1
+
+
+def test_the_metrics_endpoint_answers_404_elsewhere(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    port = free_port()
+    start(supervisors, mqtt, {"echo": echo(prefix)}, {"metrics": {"port": port}})
+    with pytest.raises(urllib.error.HTTPError, match=r"^HTTP Error 404: Not Found$"):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as idle:  # a silent client blocks nothing
+        assert re.search(r"^supervisor_mqtt_connected 1\.0$", scrape(port), re.M)
+        del idle
