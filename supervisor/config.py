@@ -35,6 +35,8 @@ class SupervisorConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=
     # Empty: $STATE_DIRECTORY (set by systemd's StateDirectory=) or ./state. Relative paths are from the cwd.
     state_dir: str = ""
     shutdown_timeout_seconds: Seconds = 10.0
+    # <base>/status is published when it changes (at most once a second) and at least this often.
+    status_interval_seconds: Seconds = 60.0
     worker_packages: list[str] = msgspec.field(default_factory=lambda: ["workers"])
     # How worker processes start: "fork" (fastest, smallest: safe here because the supervisor is one thread and
     # each child releases every descriptor it inherits, the MQTT socket first), "forkserver" (a clean server

@@ -35,6 +35,7 @@ from supervisor.publishing import Publisher
 from supervisor.router import InvalidTopicFilter, Router
 from supervisor.runtime import EXIT_START_FAILED
 from supervisor.slot import Offer, WorkerSlot, WorkerState
+from supervisor.status import StatusReporter
 from supervisor.supervision import RestartTracker, Verdict
 
 log = logging.getLogger("supervisor")
@@ -86,6 +87,15 @@ class Supervisor:
         self.publisher = Publisher(settings, self.router, self.link, self.deliveries, self._offer, self._ids)
         self.version = __version__
         self.metrics: MetricsServer | None = None
+        self.status = StatusReporter(
+            self.loop,
+            self.link,
+            self.slots,
+            settings.supervisor.base_topic,
+            self.version,
+            lambda: self.publisher.backlog,
+            settings.supervisor.status_interval_seconds,
+        )
 
     # Running ------------------------------------------------------------------------------------------------------
 
@@ -101,6 +111,7 @@ class Supervisor:
             self._start(slot)
         self.publisher.open()
         self.link.start()
+        self.status.start()
         self.loop.after_wakeup(self._end_of_wakeup)
         self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
         gc.freeze()  # start-up objects leave the collector's view: shorter pauses, pages stay shared with workers
@@ -108,6 +119,7 @@ class Supervisor:
         try:
             while not (self._stopping and all(s.process is None for s in self.slots.values())):
                 self.loop.run_once()
+            self.status.stopped()
             self.link.stop()
             self.publisher.close()
             if self.metrics is not None:
@@ -315,6 +327,7 @@ class Supervisor:
         self.publisher.commit()
         self.deliveries.release()
         self._write_to_workers()
+        self.status.check_availability()
         self.link.flush()
 
     def _write_to_workers(self) -> None:
@@ -353,7 +366,7 @@ class Supervisor:
     # LinkListener -------------------------------------------------------------------------------------------------
 
     def link_connected(self, session_present: bool) -> None:
-        pass
+        self.status.republish()
 
     def link_disconnected(self, reason: str) -> None:
         self.deliveries.connection_lost()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import SupervisorFactory
 from prometheus_client.parser import text_string_to_metric_families
-from support import MqttProbe, free_port, wait_until
-from test_supervisor import echo, start, started_pids, wait_echo
+from support import Broker, MqttProbe, free_port, wait_until
+from test_supervisor import echo, retained, start, started_pids, wait_echo
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_METRICS = {
@@ -128,3 +129,41 @@ def test_the_metrics_endpoint_answers_404_elsewhere(
     with socket.create_connection(("127.0.0.1", port), timeout=5) as idle:  # a silent client blocks nothing
         assert re.search(r"^supervisor_mqtt_connected 1\.0$", scrape(port), re.M)
         del idle
+
+
+# Retained status and availability -----------------------------------------------------------------------------------
+
+
+def test_the_retained_status_and_availability_follow_a_worker_kill(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)})
+    status_topic, availability = f"{supervisors.base}/status", f"{supervisors.base}/worker/echo/availability"
+    first = mqtt.wait_for(status_topic, lambda m: m.json()["workers"]["echo"]["state"] == "running")[0].json()
+    assert first["status"] == "ok" and first["sw_version"] == "0.1.0" and first["mqtt"]["connected"] is True
+    assert set(first) >= {
+        "last_updated",
+        "uptime_seconds",
+        "scrape_error_count",
+        "ai_error_count",
+        "publish_error_count",
+    }
+    pid = started_pids(mqtt, f"{prefix}/out/echo")[0]
+    assert first["workers"]["echo"]["pid"] == pid
+    mqtt.wait_for(availability, lambda m: m.text == "online")
+    os.kill(pid, signal.SIGKILL)
+    mqtt.wait_for(availability, lambda m: m.text == "offline")
+    mqtt.wait_for(availability, lambda m: m.text == "online", count=2)
+    after = mqtt.wait_for(status_topic, lambda m: m.json()["workers"]["echo"]["restarts"] == 1)[-1].json()
+    worker = after["workers"]["echo"]
+    assert worker["restart_reasons"] == {"killed": 1} and worker["last_exit"] == "killed by SIGKILL (killed)"
+
+
+def test_a_clean_stop_leaves_every_worker_offline(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, broker: Broker, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0
+    assert retained(broker, f"{supervisors.base}/worker/echo/availability") == "offline"
+    assert json.loads(retained(broker, f"{supervisors.base}/status"))["workers"]["echo"]["state"] == "stopped"

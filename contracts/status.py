@@ -1,0 +1,44 @@
+"""The status schema: what the supervisor publishes, retained, on `<base>/status` (JSON).
+
+Field names are the dashboard-compatible ones the product promises (`status`, `sw_version`, `last_updated`,
+`uptime_seconds`, `scrape_error_count`, `ai_error_count`, `publish_error_count`, ...). Consumers should ignore
+fields they do not know.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True):
+    state: str  # starting | running | backoff | stopping | stopped | failed
+    pid: int | None
+    restarts: int
+    restart_reasons: dict[str, int]
+    last_exit: str | None
+    errors: dict[str, int]
+    error_count: int
+    handled: int
+    queue_depth: int
+    inflight: int
+    dropped: int
+    dead_letters: int
+
+
+class MqttStatus(msgspec.Struct, frozen=True, kw_only=True):
+    connected: bool
+    reconnects: int
+    publish_errors: int
+
+
+class Status(msgspec.Struct, frozen=True, kw_only=True):
+    status: str  # ok | degraded | error
+    sw_version: str
+    last_updated: str  # ISO 8601
+    uptime_seconds: int
+    mqtt: MqttStatus
+    scrape_error_count: int
+    ai_error_count: int
+    publish_error_count: int
+    outbox_messages: int
+    workers: dict[str, WorkerStatus]

@@ -1,0 +1,148 @@
+"""Status: the retained `<base>/status` document and the retained `<base>/worker/<name>/availability` topics.
+
+Availability follows each worker's state at once (checked at the end of every wake-up). The status document is
+published when it changes, at most once a second, and every `status_interval_seconds` regardless.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Protocol
+
+import msgspec
+
+from contracts.status import MqttStatus, Status, WorkerStatus
+from supervisor.loop import Loop
+from supervisor.slot import WorkerSlot, WorkerState
+
+_CHECK_SECONDS = 1.0
+
+
+class Link(Protocol):
+    connected: bool
+    reconnects: int
+    publish_errors: int
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, expiry: int | None = None
+    ) -> int | None: ...
+
+
+class StatusReporter:
+    """Publishes the status and the per-worker availability of one supervisor."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        link: Link,
+        slots: Mapping[str, WorkerSlot],
+        base_topic: str,
+        version: str,
+        outbox_backlog: Callable[[], int],
+        interval: float,
+    ) -> None:
+        self.loop = loop
+        self.link = link
+        self.slots = slots
+        self.base = base_topic
+        self.version = version
+        self.outbox_backlog = outbox_backlog
+        self.interval = interval
+        self.started = time.monotonic()
+        self._encoder = msgspec.json.Encoder()
+        self._available: dict[str, bool] = {}
+        self._last: Status | None = None
+        self._last_sent = 0.0
+
+    def start(self) -> None:
+        self.loop.call_later(_CHECK_SECONDS, self._tick)
+
+    def availability_topic(self, worker: str) -> str:
+        return f"{self.base}/worker/{worker}/availability"
+
+    def check_availability(self) -> None:
+        """Publish the availability of every worker whose running state changed."""
+        if not self.link.connected:
+            return
+        for name, slot in self.slots.items():
+            running = slot.state is WorkerState.RUNNING
+            if self._available.get(name) != running:
+                self._available[name] = running
+                payload = b"online" if running else b"offline"
+                self.link.publish(self.availability_topic(name), payload, qos=1, retain=True)
+
+    def republish(self) -> None:
+        """After a (re)connect: everything again, whatever was published before."""
+        self._available.clear()
+        self._last = None
+        self.check_availability()
+        self._publish_status(force=True)
+
+    def stopped(self) -> None:
+        """At shutdown: every worker offline, and the final status."""
+        for name in self.slots:
+            self._available[name] = False
+            self.link.publish(self.availability_topic(name), b"offline", qos=1, retain=True)
+        self._publish_status(force=True)
+
+    def snapshot(self) -> Status:
+        workers = {name: _worker_status(slot) for name, slot in self.slots.items()}
+        states = {w.state for w in workers.values()}
+        overall = "error" if "failed" in states else "degraded" if states & {"starting", "backoff"} else "ok"
+
+        def errors_of(kind: str) -> int:
+            return sum(w.errors.get(kind, 0) for w in workers.values())
+
+        return Status(
+            status=overall if self.link.connected else "degraded",
+            sw_version=self.version,
+            last_updated=datetime.now(UTC).isoformat(timespec="seconds"),
+            uptime_seconds=int(time.monotonic() - self.started),
+            mqtt=MqttStatus(
+                connected=self.link.connected, reconnects=self.link.reconnects, publish_errors=self.link.publish_errors
+            ),
+            scrape_error_count=errors_of("scrape"),
+            ai_error_count=errors_of("ai"),
+            publish_error_count=errors_of("publish") + self.link.publish_errors,
+            outbox_messages=self.outbox_backlog(),
+            workers=workers,
+        )
+
+    def _tick(self) -> None:
+        self._publish_status(force=False)
+        self.loop.call_later(_CHECK_SECONDS, self._tick)
+
+    def _publish_status(self, force: bool) -> None:
+        if not self.link.connected:
+            return
+        status = self.snapshot()
+        now = time.monotonic()
+        changed = self._last is None or _stable(status) != _stable(self._last)
+        if not (force or changed or now - self._last_sent >= self.interval):
+            return
+        self._last, self._last_sent = status, now
+        self.link.publish(f"{self.base}/status", self._encoder.encode(status), qos=1, retain=True)
+
+
+def _stable(status: Status) -> Status:
+    """The status without the fields that change by themselves."""
+    return msgspec.structs.replace(status, last_updated="", uptime_seconds=0)
+
+
+def _worker_status(slot: WorkerSlot) -> WorkerStatus:
+    return WorkerStatus(
+        state=slot.state.value,
+        pid=slot.process.pid if slot.process is not None else None,
+        restarts=sum(slot.restarts.values()),
+        restart_reasons=dict(slot.restarts),
+        last_exit=slot.last_exit,
+        errors=dict(slot.errors),
+        error_count=sum(slot.errors.values()),
+        handled=slot.handled,
+        queue_depth=len(slot.queued),
+        inflight=len(slot.inflight),
+        dropped=slot.dropped,
+        dead_letters=slot.dead_letters,
+    )
