@@ -20,11 +20,15 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
+
+import msgspec
 
 from contracts import ErrorReported, Handled, Heartbeat, Message, Outbound, Publish, Started, Stop, Subscription
-from supervisor import __version__
+from supervisor import __version__, control
 from supervisor.channel import ChannelClosed
 from supervisor.config import Settings, WorkerSettings
+from supervisor.control import ControlAPI, ControlError
 from supervisor.delivery import Deliveries
 from supervisor.errors import ConfigError
 from supervisor.loop import Loop
@@ -75,6 +79,8 @@ class Supervisor:
         for slot in self.slots.values():
             for subscription in worker_subscriptions(slot.settings):
                 self.router.add(slot.name, [subscription.topic_filter], subscription.qos, subscription.commands)
+        self.control = ControlAPI(settings.supervisor.base_topic, self, self._reply)
+        self.router.add(control.NAME, self.control.filters, qos=1, commands=True)
         numbered = settings.mqtt.protocol == 5 and self.router.overlapping()
         self.link.subscribe(self.router.broker_filters(numbered=numbered), numbered=numbered)
         self.started_at = time.time()
@@ -170,10 +176,13 @@ class Supervisor:
                 slot.state = WorkerState.STOPPED
                 continue
             slot.state = WorkerState.STOPPING
-            slot.outgoing.append(Stop())
-            timeout = slot.settings.supervision.shutdown_timeout_seconds
-            timeout = timeout if timeout is not None else self.settings.supervisor.shutdown_timeout_seconds
-            slot.timer = self.loop.call_later(timeout, functools.partial(self._terminate, slot))
+            if slot.command is None:  # else a Stop is on its way already
+                slot.outgoing.append(Stop())
+            slot.timer = self.loop.call_later(self._shutdown_timeout(slot), functools.partial(self._terminate, slot))
+
+    def _shutdown_timeout(self, slot: WorkerSlot) -> float:
+        timeout = slot.settings.supervision.shutdown_timeout_seconds
+        return timeout if timeout is not None else self.settings.supervisor.shutdown_timeout_seconds
 
     def _terminate(self, slot: WorkerSlot) -> None:
         if slot.process is not None:
@@ -253,6 +262,8 @@ class Supervisor:
     def _exit_reason(self, slot: WorkerSlot, status: ExitStatus) -> str:
         if slot.kill_reason is not None:
             return slot.kill_reason
+        if slot.command is not None:
+            return "command"
         if status.signal is not None:
             return "killed"
         if status.code == EXIT_START_FAILED:
@@ -260,6 +271,14 @@ class Supervisor:
         return "exit" if status.abnormal else "normal"
 
     def _after_exit(self, slot: WorkerSlot, status: ExitStatus, reason: str) -> None:
+        if slot.command is not None:  # a person asked for this exit
+            command, slot.command = slot.command, None
+            if command == "restart":
+                slot.restarts["command"] += 1
+                self._start(slot)
+            else:
+                self._stop_for_good(slot)
+            return
         now = self.loop.clock()
         decision = slot.tracker.exited(now, abnormal=status.abnormal or slot.kill_reason is not None)
         match decision.verdict:
@@ -349,6 +368,64 @@ class Supervisor:
         if done:
             self.loop.remove_writer(process.channel)
 
+    # The control API's actions --------------------------------------------------------------------------------------
+
+    def restart_worker(self, name: str) -> str:
+        slot = self._controllable(name)
+        slot.tracker.reset()
+        if slot.process is not None:
+            self._ask_to_exit(slot, "restart")
+            return "restarting"
+        self._cancel_timer(slot)
+        slot.restarts["command"] += 1
+        self._start(slot)
+        return slot.state.value
+
+    def stop_worker(self, name: str) -> str:
+        slot = self._controllable(name)
+        if slot.process is not None:
+            self._ask_to_exit(slot, "stop")
+            return "stopping"
+        self._stop_for_good(slot)
+        return slot.state.value
+
+    def start_worker(self, name: str) -> str:
+        slot = self._controllable(name)
+        if slot.process is not None:
+            raise ControlError(f"worker {name} is already {slot.state.value} (pid {slot.process.pid})")
+        self._cancel_timer(slot)
+        slot.tracker.reset()
+        self._start(slot)
+        return slot.state.value
+
+    def status_document(self) -> Any:
+        return msgspec.to_builtins(self.status.snapshot())
+
+    def _controllable(self, name: str) -> WorkerSlot:
+        if self._stopping:
+            raise ControlError("the supervisor is stopping")
+        if name not in self.slots:
+            raise ControlError(f"no worker named {name!r}; workers: {', '.join(self.slots) or 'none'}")
+        return self.slots[name]
+
+    def _ask_to_exit(self, slot: WorkerSlot, command: str) -> None:
+        """Ask the process to finish its messages and exit; `command` says what happens then."""
+        assert slot.process is not None
+        if slot.command is None:
+            slot.outgoing.append(Stop())
+            slot.timer = self.loop.call_later(self._shutdown_timeout(slot), functools.partial(self._terminate, slot))
+        slot.command = command
+
+    def _stop_for_good(self, slot: WorkerSlot) -> None:
+        self._cancel_timer(slot)
+        slot.state = WorkerState.STOPPED
+        for message_id in slot.drop_queued():
+            self.deliveries.done(message_id)
+        log.info("worker %s stopped by command", slot.name)
+
+    def _reply(self, topic: str, payload: bytes, correlation_data: bytes | None) -> None:
+        self.link.publish(topic, payload, qos=1, correlation_data=correlation_data)
+
     # What the metrics and the status read ---------------------------------------------------------------------------
 
     @property
@@ -379,6 +456,17 @@ class Supervisor:
         if self._stopping:
             return  # not acknowledged: the broker sends it again after the restart
         receivers = self._receivers(message)
+        if control.NAME in receivers:
+            receivers.remove(control.NAME)
+            self.control.handle(
+                Message(
+                    id=0,
+                    topic=message.topic,
+                    payload=message.payload,
+                    response_topic=message.response_topic,
+                    correlation_data=message.correlation_data,
+                )
+            )
         message_id = next(self._ids)
         if message.qos > 0:
             self.deliveries.expect_inbound(message_id, message.mid, message.qos, len(receivers))
@@ -412,7 +500,8 @@ class Supervisor:
         return receivers
 
     def _bad_input(self, worker: str, kind: str, topic: str, detail: str) -> None:
-        self.slots[worker].errors[kind] += 1
+        if worker in self.slots:
+            self.slots[worker].errors[kind] += 1
         log.warning("dropped a message on %s for worker %s: %s", topic, worker, detail)
 
     def bad_message(self, reason: str) -> None:

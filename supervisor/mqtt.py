@@ -196,7 +196,13 @@ class MqttLink:
         self._connect()
 
     def publish(
-        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, expiry: int | None = None
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        expiry: int | None = None,
+        correlation_data: bytes | None = None,
     ) -> int | None:
         """Queue a publication; its packet id (confirmed later through `publish_confirmed` for QoS 1 and 2), or
         None when it was dropped (counted in `publish_errors`).
@@ -207,6 +213,11 @@ class MqttLink:
             self.publish_errors += 1
             return None
         properties = self._expiry(expiry) if self._v5 and expiry else None
+        if self._v5 and correlation_data is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.CorrelationData = correlation_data
+            if expiry:
+                properties.MessageExpiryInterval = expiry
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             self.publish_errors += 1

@@ -63,6 +63,8 @@ def _check_worker_class(cls: type[Worker]) -> None:  # type: ignore[type-arg]
     where = _where(cls)
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(where, "name", f"expected a lower-case identifier like 'scraper', got {name!r}")
+    if name == "supervisor":
+        raise ConfigError(where, "name", "'supervisor' is the supervisor's own name; pick another")
     if not (cls.__doc__ or "").strip():
         raise ConfigError(where, "", "a worker needs a docstring saying what it consumes, produces and touches")
     config_cls = cls.Config

@@ -91,8 +91,8 @@ class WorkerSlot:
 
     def refill(self, now: float) -> None:
         """Move queued messages into `outgoing` (and in flight) while the running process has room."""
-        if self.state is not WorkerState.RUNNING or not self.queued:
-            return
+        if self.state is not WorkerState.RUNNING or not self.queued or self.command is not None:
+            return  # (a process asked to stop for a command gets nothing more; its successor gets the queue)
         room = self.settings.supervision.max_inflight - len(self.inflight)
         if room <= 0:
             return

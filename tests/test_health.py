@@ -167,3 +167,93 @@ def test_a_clean_stop_leaves_every_worker_offline(
     assert process.wait() == 0
     assert retained(broker, f"{supervisors.base}/worker/echo/availability") == "offline"
     assert json.loads(retained(broker, f"{supervisors.base}/status"))["workers"]["echo"]["state"] == "stopped"
+
+
+# The control API ----------------------------------------------------------------------------------------------------
+
+
+def test_restart_request_replies_on_the_response_topic_with_the_correlation_data(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)})
+    mqtt.publish(
+        f"{supervisors.base}/request/restart",
+        '{"worker": "echo"}',
+        response_topic=f"{prefix}/reply",
+        correlation_data=b"req-1",
+    )
+    (reply,) = mqtt.wait_for(f"{prefix}/reply")
+    assert reply.json() == {"ok": True, "worker": "echo", "state": "restarting"}
+    assert reply.correlation_data == b"req-1"
+    mqtt.wait_for(f"{prefix}/out/echo/started", count=2)
+    status = mqtt.wait_for(f"{supervisors.base}/status", lambda m: m.json()["workers"]["echo"]["restarts"] == 1)
+    assert status[-1].json()["workers"]["echo"]["restart_reasons"] == {"command": 1}
+
+
+def test_status_request_without_a_response_topic_replies_on_the_response_topic_of_the_action(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)})
+    mqtt.publish(f"{supervisors.base}/request/status", "")
+    (reply,) = mqtt.wait_for(f"{supervisors.base}/response/status")
+    assert reply.json()["ok"] is True
+    assert reply.json()["status"]["workers"]["echo"]["state"] == "running"
+
+
+@pytest.mark.parametrize(
+    ("action", "payload", "error"),
+    [
+        ("restart", '{"worker": "nope"}', "no worker named 'nope'; workers: echo"),
+        ("restart", "not json", 'expected JSON like {"worker": "<name>"}, got'),
+        ("stop", '["echo"]', 'expected {"worker": "<name>"}, got'),
+        ("reboot", "{}", "unknown action 'reboot'; expected one of: restart, start, status, stop"),
+        ("start", '{"worker": "echo"}', "worker echo is already running (pid "),
+    ],
+)
+def test_a_bad_request_gets_an_error_reply(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, action: str, payload: str, error: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)})
+    mqtt.publish(f"{supervisors.base}/request/{action}", payload)
+    (reply,) = mqtt.wait_for(f"{supervisors.base}/response/{action}")
+    assert reply.json()["ok"] is False
+    assert reply.json()["error"].startswith(error)
+
+
+def test_stop_keeps_a_worker_down_until_start(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)})
+    availability = f"{supervisors.base}/worker/echo/availability"
+    mqtt.publish(f"{supervisors.base}/request/stop", '{"worker": "echo"}')
+    assert mqtt.wait_for(f"{supervisors.base}/response/stop")[0].json()["state"] == "stopping"
+    mqtt.wait_for(availability, lambda m: m.text == "offline")
+    mqtt.wait_for(f"{supervisors.base}/status", lambda m: m.json()["workers"]["echo"]["state"] == "stopped")
+    mqtt.publish(f"{prefix}/in/x", "while stopped")
+    mqtt.publish(f"{supervisors.base}/request/start", '{"worker": "echo"}')
+    assert mqtt.wait_for(f"{supervisors.base}/response/start")[0].json()["state"] == "starting"
+    mqtt.wait_for(availability, lambda m: m.text == "online", count=2)
+    mqtt.publish(f"{prefix}/in/x", "after start")
+    wait_echo(mqtt, f"{prefix}/out/echo", "after start")
+    assert [r.json()["payload"] for r in mqtt.received(f"{prefix}/out/echo/echo")] == ["after start"]
+
+
+def test_the_restart_button_restarts_and_a_retained_press_is_ignored(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    mqtt.publish(f"{supervisors.base}/cmd/echo/restart", "PRESS", retain=True)  # a stale press
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    mqtt.publish(f"{supervisors.base}/cmd/echo/restart", "", retain=True)  # clear it
+    process.wait_log("a retained message on a command topic")
+    assert len(started_pids(mqtt, f"{prefix}/out/echo")) == 1
+    mqtt.publish(f"{supervisors.base}/cmd/echo/restart", "PRESS")
+    mqtt.wait_for(f"{prefix}/out/echo/started", count=2)
+
+
+def test_a_failed_worker_is_restarted_by_command(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
+    mqtt.subscribe(f"{prefix}/#")
+    process = supervisors.start({"broken_start": {"max_restarts": 1, "backoff_min_seconds": 0.05}})
+    mqtt.wait_for(f"{supervisors.base}/status", lambda m: m.json()["workers"]["broken_start"]["state"] == "failed")
+    assert mqtt.received(f"{supervisors.base}/status")[-1].json()["status"] == "error"
+    mqtt.publish(f"{supervisors.base}/request/restart", '{"worker": "broken_start"}')
+    assert mqtt.wait_for(f"{supervisors.base}/response/restart")[0].json()["state"] == "starting"
+    process.wait_log("worker broken_start failed", count=2)  # it fails again, after a fresh series of restarts
+    assert process.log().count("worker broken_start starting") == 4

@@ -1,0 +1,95 @@
+"""The control API: requests on `<base>/request/<action>` and button presses on `<base>/cmd/<worker>/<command>`.
+
+A request carries JSON, `{"worker": "<name>"}` for `restart`, `stop` and `start`, nothing for `status`. The reply is
+JSON, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`, sent to the request's MQTT 5 response topic with its
+correlation data, or else to `<base>/response/<action>`. A press on `<base>/cmd/<worker>/restart` (Home Assistant's
+restart button) restarts that worker and has no reply. Both are command topics: retained messages are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from contracts import Message
+
+log = logging.getLogger("supervisor")
+
+NAME = "supervisor"  # the router's name for the supervisor's own subscriptions; no worker may take it
+
+
+class ControlError(Exception):
+    """Raised when a control request cannot be carried out; its message is the reply's `error`."""
+
+
+class Controls(Protocol):
+    """What the control API can ask of the supervisor."""
+
+    def restart_worker(self, name: str) -> str: ...
+
+    def stop_worker(self, name: str) -> str: ...
+
+    def start_worker(self, name: str) -> str: ...
+
+    def status_document(self) -> Any: ...
+
+
+Reply = Callable[[str, bytes, bytes | None], None]  # (topic, payload, correlation data)
+
+
+class ControlAPI:
+    def __init__(self, base_topic: str, controls: Controls, reply: Reply) -> None:
+        self.base = base_topic
+        self.controls = controls
+        self.reply = reply
+
+    @property
+    def filters(self) -> list[str]:
+        return [f"{self.base}/request/+", f"{self.base}/cmd/+/+"]
+
+    def handle(self, message: Message) -> None:
+        levels = message.topic[len(self.base) + 1 :].split("/")
+        if levels[0] == "cmd" and len(levels) == 3:
+            self._press(worker=levels[1], command=levels[2])
+        elif levels[0] == "request" and len(levels) == 2:
+            self._request(levels[1], message)
+
+    def _press(self, worker: str, command: str) -> None:
+        if command != "restart":
+            log.warning("ignored command %r for worker %s: only restart is known", command, worker)
+            return
+        try:
+            self.controls.restart_worker(worker)
+        except ControlError as exc:
+            log.warning("restart button for %s: %s", worker, exc)
+
+    def _request(self, action: str, message: Message) -> None:
+        try:
+            body = self._carry_out(action, message.payload)
+            answer: dict[str, Any] = {"ok": True, **body}
+        except ControlError as exc:
+            answer = {"ok": False, "error": str(exc)}
+        log.info("control request %s: %s", action, "ok" if answer["ok"] else answer["error"])
+        topic = message.response_topic or f"{self.base}/response/{action}"
+        self.reply(topic, json.dumps(answer).encode(), message.correlation_data)
+
+    def _carry_out(self, action: str, payload: bytes) -> dict[str, Any]:
+        if action == "status":
+            return {"status": self.controls.status_document()}
+        commands = {
+            "restart": self.controls.restart_worker,
+            "stop": self.controls.stop_worker,
+            "start": self.controls.start_worker,
+        }
+        if action not in commands:
+            raise ControlError(f"unknown action {action!r}; expected one of: restart, start, status, stop")
+        try:
+            request = json.loads(payload or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ControlError(f'expected JSON like {{"worker": "<name>"}}, got {payload[:80]!r}: {exc}') from None
+        worker = request.get("worker") if isinstance(request, dict) else None
+        if not isinstance(worker, str):
+            raise ControlError(f'expected {{"worker": "<name>"}}, got {payload[:80]!r}')
+        return {"worker": worker, "state": commands[action](worker)}
