@@ -41,6 +41,7 @@ from supervisor.runtime import EXIT_START_FAILED
 from supervisor.slot import Offer, WorkerSlot, WorkerState
 from supervisor.status import StatusReporter
 from supervisor.supervision import RestartTracker, Verdict
+from supervisor.systemd import Notifier
 
 log = logging.getLogger("supervisor")
 
@@ -93,6 +94,8 @@ class Supervisor:
         self.publisher = Publisher(settings, self.router, self.link, self.deliveries, self._offer, self._ids)
         self.version = __version__
         self.metrics: MetricsServer | None = None
+        self.notifier = Notifier()  # reads systemd's variables now, before any worker can inherit them
+        self._ready = False
         self.status = StatusReporter(
             self.loop,
             self.link,
@@ -118,6 +121,8 @@ class Supervisor:
         self.publisher.open()
         self.link.start()
         self.status.start()
+        if self.notifier.watchdog_seconds:
+            self.loop.call_later(self.notifier.watchdog_seconds / 2, self._watchdog)
         self.loop.after_wakeup(self._end_of_wakeup)
         self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
         gc.freeze()  # start-up objects leave the collector's view: shorter pauses, pages stay shared with workers
@@ -127,6 +132,7 @@ class Supervisor:
                 self.loop.run_once()
             self.status.stopped()
             self.link.stop()
+            self.notifier.close()
             self.publisher.close()
             if self.metrics is not None:
                 self.metrics.close()
@@ -163,6 +169,7 @@ class Supervisor:
         Called a second time (a second Ctrl-C), it kills the workers at once.
         """
         self.exit_code = max(self.exit_code, exit_code)
+        self.notifier.stopping()
         if self._stopping:
             for slot in self.slots.values():
                 if slot.process is not None:
@@ -348,6 +355,22 @@ class Supervisor:
         self._write_to_workers()
         self.status.check_availability()
         self.link.flush()
+        if not self._ready:
+            self._notify_ready_once()
+
+    def _notify_ready_once(self) -> None:
+        """READY=1 for systemd once connected with every worker past its start."""
+        if self.link.connected and all(s.state is not WorkerState.STARTING for s in self.slots.values()):
+            self._ready = True
+            where = f"{self.settings.mqtt.host}:{self.settings.mqtt.port}"
+            self.notifier.ready(f"connected to {where}; {len(self.slots)} worker(s) started")
+
+    def _watchdog(self) -> None:
+        """Tell systemd the loop is alive; sent from the loop itself, so a stuck loop stops the pings."""
+        if not self._stopping:
+            self.notifier.watchdog()
+        assert self.notifier.watchdog_seconds is not None
+        self.loop.call_later(self.notifier.watchdog_seconds / 2, self._watchdog)
 
     def _write_to_workers(self) -> None:
         for slot in self.slots.values():

@@ -257,3 +257,46 @@ def test_a_failed_worker_is_restarted_by_command(supervisors: SupervisorFactory,
     assert mqtt.wait_for(f"{supervisors.base}/response/restart")[0].json()["state"] == "starting"
     process.wait_log("worker broken_start failed", count=2)  # it fails again, after a fresh series of restarts
     assert process.log().count("worker broken_start starting") == 4
+
+
+# systemd ------------------------------------------------------------------------------------------------------------
+
+
+def test_systemd_hears_ready_watchdog_and_stopping(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, tmp_path: Path
+) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.settimeout(10)
+    try:
+        process = supervisors.start(
+            {"echo": echo(prefix)},
+            environment={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"},
+        )
+        messages = [listener.recv(4096).decode() for _ in range(3)]
+        assert messages[0].startswith("READY=1\nSTATUS=connected to 127.0.0.1:")
+        assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]
+        process.signal(signal.SIGTERM)
+        while (message := listener.recv(4096).decode()) == "WATCHDOG=1":
+            pass
+        assert message == "STOPPING=1\nSTATUS=stopping"
+        assert process.wait() == 0
+    finally:
+        listener.close()
+
+
+def test_an_abstract_notify_socket_is_understood() -> None:
+    from supervisor.systemd import Notifier
+
+    name = f"@supervisor-test-{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind("\0" + name[1:])
+    listener.settimeout(5)
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "2000000"})
+        notifier.status("hello")
+        assert listener.recv(100) == b"STATUS=hello"
+        assert notifier.watchdog_seconds == 2.0
+        notifier.close()
+    finally:
+        listener.close()
