@@ -1,0 +1,115 @@
+"""The deploy/ artefacts: each one is checked against the code it describes."""
+
+from __future__ import annotations
+
+import configparser
+import getpass
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from conftest import SupervisorFactory
+from support import MqttProbe, free_port
+from test_health import samples, scrape
+from test_supervisor import echo, start
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DASHBOARD = json.loads((DEPLOY / "grafana" / "mqtt-home-supervisor.json").read_text())
+
+
+def dashboard_exprs() -> list[str]:
+    return [target["expr"] for panel in DASHBOARD["panels"] for target in panel["targets"]]
+
+
+def test_every_metric_the_dashboard_queries_is_served(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    port = free_port()
+    start(supervisors, mqtt, {"echo": echo(prefix)}, {"metrics": {"port": port}})
+    served = {name for name, _ in samples(scrape(port))}
+    queried = {name for expr in dashboard_exprs() for name in re.findall(r"\bsupervisor_[a-z_]+", expr)}
+    assert len(queried) >= 14
+    assert queried - served == set()
+
+
+def test_the_dashboard_provisions_from_file_with_a_data_source_variable() -> None:
+    assert DASHBOARD["uid"] == "mqtt-home-supervisor"
+    variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for panel in DASHBOARD["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+    for expr in dashboard_exprs():
+        for window in re.findall(r"\[([^\]]+)\]", expr):
+            assert window in ("$__rate_interval", "$__range"), expr
+    provisioning = (DEPLOY / "grafana" / "provisioning" / "mqtt-home-supervisor.yaml").read_text()
+    assert "apiVersion: 1" in provisioning and "type: file" in provisioning
+
+
+def test_the_systemd_unit_matches_the_supervisor() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(DEPLOY / "mqtt-home-supervisor.service")
+    service = unit["Service"]
+    assert service["Type"] == "notify" and service["KillMode"] == "mixed" and service["Restart"] == "on-failure"
+    assert service["StateDirectory"] == "mqtt-home-supervisor" and "WatchdogSec" in service
+    assert "--config" in service["ExecStart"] and service["ExecStart"].split()[1:3] == ["-m", "supervisor"]
+    config = tomllib.loads((DEPLOY / "config.toml").read_text())
+    shutdown_budget = config["supervisor"]["shutdown_timeout_seconds"] + 2 + 2  # + SIGKILL grace + MQTT goodbye
+    assert int(service["TimeoutStopSec"]) > shutdown_budget
+
+
+def test_the_prometheus_config_is_valid() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing: in CI `make test` installs Debian's prometheus package for it")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "config", str(DEPLOY / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = tomllib.loads((DEPLOY / "config.toml").read_text())
+    assert f"127.0.0.1:{config['metrics']['port']}" in (DEPLOY / "prometheus.yml").read_text()
+
+
+def test_the_mosquitto_config_starts_with_persistence(tmp_path: Path) -> None:
+    text = (DEPLOY / "mosquitto.conf").read_text()
+    assert re.search(r"^persistence true$", text, re.M) and re.search(r"^set_tcp_nodelay true$", text, re.M)
+    port = free_port()
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(tmp_path / "passwd"), "u", "p"], check=True)
+    local = (
+        text.replace("listener 1883", f"listener {port} 127.0.0.1")
+        .replace("/etc/mosquitto/passwd", str(tmp_path / "passwd"))
+        .replace("/var/lib/mosquitto/", f"{tmp_path}/")
+    ) + f"user {getpass.getuser()}\n"
+    (tmp_path / "mosquitto.conf").write_text(local)
+    with (tmp_path / "log").open("wb") as log:
+        broker = subprocess.Popen(
+            [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(tmp_path / "mosquitto.conf")],
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert broker.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+                time.sleep(0.02)
+    finally:
+        broker.terminate()
+        broker.wait(10)
+    assert (tmp_path / "mosquitto.db").exists()  # persistence wrote its file on the way out
