@@ -16,6 +16,7 @@ import functools
 import gc
 import itertools
 import logging
+import random
 import signal
 import socket
 import time
@@ -30,6 +31,7 @@ from supervisor.channel import ChannelClosed
 from supervisor.config import Settings, WorkerSettings
 from supervisor.control import ControlAPI, ControlError
 from supervisor.delivery import Deliveries
+from supervisor.discovery import publish_discovery, supervisor_entities
 from supervisor.errors import ConfigError
 from supervisor.loop import Loop
 from supervisor.metrics import MetricsServer
@@ -82,6 +84,7 @@ class Supervisor:
                 self.router.add(slot.name, [subscription.topic_filter], subscription.qos, subscription.commands)
         self.control = ControlAPI(settings.supervisor.base_topic, self, self._reply)
         self.router.add(control.NAME, self.control.filters, qos=1, commands=True)
+        self.router.add(control.NAME, [settings.homeassistant.status_topic], qos=1)  # Home Assistant's birth
         numbered = settings.mqtt.protocol == 5 and self.router.overlapping()
         self.link.subscribe(self.router.broker_filters(numbered=numbered), numbered=numbered)
         self.started_at = time.time()
@@ -467,6 +470,33 @@ class Supervisor:
 
     def link_connected(self, session_present: bool) -> None:
         self.status.republish()
+        self._publish_discovery()
+
+    def _home_assistant_announced(self, payload: bytes) -> None:
+        """Home Assistant (re)started: send discovery, state and availability again after a short random delay, so
+        that a house full of devices does not answer all at once."""
+        if payload.strip().lower() == b"online":
+            self.loop.call_later(random.uniform(0.5, 3.0), self._republish_for_home_assistant)
+
+    def _republish_for_home_assistant(self) -> None:
+        self._publish_discovery()
+        self.status.republish()
+
+    def _publish_discovery(self) -> None:
+        settings = self.settings
+        entities = supervisor_entities(
+            settings.supervisor.base_topic,
+            settings.mqtt.availability_topic,
+            settings.mqtt.client_id,
+            self.version,
+            self.slots,
+        )
+        publish_discovery(
+            settings.homeassistant.discovery_prefix,
+            settings.mqtt.client_id,
+            entities,
+            lambda topic, payload: self.link.publish(topic, payload, qos=1, retain=True),
+        )
 
     def link_disconnected(self, reason: str) -> None:
         self.deliveries.connection_lost()
@@ -481,15 +511,7 @@ class Supervisor:
         receivers = self._receivers(message)
         if control.NAME in receivers:
             receivers.remove(control.NAME)
-            self.control.handle(
-                Message(
-                    id=0,
-                    topic=message.topic,
-                    payload=message.payload,
-                    response_topic=message.response_topic,
-                    correlation_data=message.correlation_data,
-                )
-            )
+            self._supervisor_message(message)
         message_id = next(self._ids)
         if message.qos > 0:
             self.deliveries.expect_inbound(message_id, message.mid, message.qos, len(receivers))
@@ -506,6 +528,20 @@ class Supervisor:
         )
         for name in receivers:
             self._offer(name, routed)
+
+    def _supervisor_message(self, message: Incoming) -> None:
+        """A message for the supervisor itself: Home Assistant's birth, or a control request or button press."""
+        if message.topic == self.settings.homeassistant.status_topic:
+            self._home_assistant_announced(message.payload)
+            return
+        request = Message(
+            id=0,
+            topic=message.topic,
+            payload=message.payload,
+            response_topic=message.response_topic,
+            correlation_data=message.correlation_data,
+        )
+        self.control.handle(request)
 
     def _receivers(self, message: Incoming) -> list[str]:
         """The workers `message` goes to: bad input is counted against each worker it was meant for, and dropped."""

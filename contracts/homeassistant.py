@@ -1,0 +1,108 @@
+"""Home Assistant MQTT discovery, typed: devices and entities are Structs, checked when they are declared.
+
+`discovery_topic(prefix, node_id, entity)` and `discovery_payload(entity)` give what to publish (retained) for
+Home Assistant to create the entity. Only the keys that are set are sent.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar, Literal
+
+import msgspec
+
+_OBJECT_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+
+
+class Device(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    identifiers: list[str]
+    name: str
+    manufacturer: str | None = None
+    model: str | None = None
+    sw_version: str | None = None
+    via_device: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.identifiers:
+            raise ValueError(f"device {self.name!r}: expected at least one identifier")
+
+
+class Origin(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    name: str
+    sw_version: str | None = msgspec.field(default=None, name="sw")
+    support_url: str | None = msgspec.field(default=None, name="url")
+
+
+class Availability(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    topic: str
+    payload_available: str = "online"
+    payload_not_available: str = "offline"
+
+
+class Entity(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Keys every discovered entity has."""
+
+    component: ClassVar[str]
+    object_id: str
+    unique_id: str
+    name: str | None = None
+    device: Device | None = None
+    origin: Origin | None = None
+    availability: list[Availability] = msgspec.field(default_factory=list)
+    availability_mode: Literal["all", "any", "latest"] = "latest"
+    entity_category: Literal["config", "diagnostic"] | None = None
+    icon: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _OBJECT_ID.match(self.object_id):
+            raise ValueError(f"{self.component} {self.object_id!r}: object_id may hold only letters, digits, _ and -")
+
+
+class BinarySensor(Entity, frozen=True, kw_only=True, omit_defaults=True):
+    component: ClassVar[str] = "binary_sensor"
+    state_topic: str
+    value_template: str | None = None
+    payload_on: str = "ON"
+    payload_off: str = "OFF"
+    device_class: str | None = None
+
+
+class Sensor(Entity, frozen=True, kw_only=True, omit_defaults=True):
+    component: ClassVar[str] = "sensor"
+    state_topic: str
+    value_template: str | None = None
+    unit_of_measurement: str | None = None
+    device_class: str | None = None
+    state_class: Literal["measurement", "total", "total_increasing"] | None = None
+    options: list[str] | None = None
+    expire_after: int | None = None
+    json_attributes_topic: str | None = None
+    json_attributes_template: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.options is not None and self.unit_of_measurement is not None:
+            raise ValueError(f"sensor {self.object_id!r}: a sensor with options (an enum) cannot have a unit")
+
+
+class Button(Entity, frozen=True, kw_only=True, omit_defaults=True):
+    component: ClassVar[str] = "button"
+    command_topic: str
+    payload_press: str = "PRESS"
+    device_class: Literal["identify", "restart", "update"] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.command_topic:
+            raise ValueError(f"button {self.object_id!r}: expected a command_topic")
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def discovery_topic(prefix: str, node_id: str, entity: Entity) -> str:
+    return f"{prefix}/{entity.component}/{node_id}/{entity.object_id}/config"
+
+
+def discovery_payload(entity: Entity) -> bytes:
+    return _encoder.encode(entity)

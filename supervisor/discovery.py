@@ -1,0 +1,123 @@
+"""Home Assistant discovery of the supervisor itself: one device with, per worker, a running binary_sensor, errors
+and restarts sensors, and a restart button.
+
+The running sensor and the restart button follow the supervisor's availability only: a worker that is down must
+show as not running, and its restart button must stay pressable. Published (retained) on every connect and, after
+a short random delay, whenever Home Assistant announces itself on its status topic.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable, Iterable
+
+from contracts.homeassistant import (
+    Availability,
+    BinarySensor,
+    Button,
+    Device,
+    Entity,
+    Origin,
+    Sensor,
+    discovery_payload,
+    discovery_topic,
+)
+
+Publish = Callable[[str, bytes], object]  # (topic, payload): retained, QoS 1
+
+
+def node_id(client_id: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_-]", "_", client_id)
+
+
+def supervisor_entities(
+    base: str, availability_topic: str, client_id: str, version: str, workers: Iterable[str]
+) -> list[Entity]:
+    node = node_id(client_id)
+    device = Device(
+        identifiers=[node],
+        name=f"MQTT home supervisor ({socket.gethostname()})",
+        manufacturer="mqtt-home-supervisor",
+        model="supervisor",
+        sw_version=version,
+    )
+    origin = Origin(name="mqtt-home-supervisor", sw_version=version)
+    available = [Availability(topic=availability_topic)]
+    status = f"{base}/status"
+    entities: list[Entity] = [
+        Sensor(
+            object_id=f"{node}_status",
+            unique_id=f"{node}_status",
+            name="Status",
+            state_topic=status,
+            value_template="{{ value_json.status }}",
+            options=["ok", "degraded", "error"],
+            device_class="enum",
+            json_attributes_topic=status,
+            json_attributes_template="{{ value_json.mqtt | tojson }}",
+            device=device,
+            origin=origin,
+            availability=available,
+            icon="mdi:heart-pulse",
+        ),
+    ]
+    for worker in workers:
+        of_worker = f"value_json.workers['{worker}']"
+        entities += [
+            BinarySensor(
+                object_id=f"{node}_{worker}_running",
+                unique_id=f"{node}_{worker}_running",
+                name=f"{worker} running",
+                state_topic=status,
+                device_class="running",
+                value_template=f"{{{{ 'ON' if {of_worker}.state == 'running' else 'OFF' }}}}",
+                device=device,
+                origin=origin,
+                availability=available,
+            ),
+            Sensor(
+                object_id=f"{node}_{worker}_errors",
+                unique_id=f"{node}_{worker}_errors",
+                name=f"{worker} errors",
+                state_topic=status,
+                value_template=f"{{{{ {of_worker}.error_count }}}}",
+                state_class="total_increasing",
+                entity_category="diagnostic",
+                icon="mdi:alert-circle",
+                device=device,
+                origin=origin,
+                availability=available,
+            ),
+            Sensor(
+                object_id=f"{node}_{worker}_restarts",
+                unique_id=f"{node}_{worker}_restarts",
+                name=f"{worker} restarts",
+                state_topic=status,
+                value_template=f"{{{{ {of_worker}.restarts }}}}",
+                state_class="total_increasing",
+                entity_category="diagnostic",
+                icon="mdi:restart",
+                device=device,
+                origin=origin,
+                availability=available,
+            ),
+            Button(
+                object_id=f"{node}_{worker}_restart",
+                unique_id=f"{node}_{worker}_restart",
+                name=f"{worker} restart",
+                command_topic=f"{base}/cmd/{worker}/restart",
+                device_class="restart",
+                entity_category="config",
+                device=device,
+                origin=origin,
+                availability=available,
+            ),
+        ]
+    return entities
+
+
+def publish_discovery(prefix: str, client_id: str, entities: Iterable[Entity], publish: Publish) -> None:
+    node = node_id(client_id)
+    for entity in entities:
+        publish(discovery_topic(prefix, node, entity), discovery_payload(entity))
