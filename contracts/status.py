@@ -15,7 +15,8 @@ class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True):
     pid: int | None
     restarts: int
     restart_reasons: dict[str, int]
-    last_exit: str | None
+    last_exit: str | None  # e.g. "killed by SIGKILL (heartbeat)", "exit code 3 (start_failed)"
+    last_exit_time: str | None  # ISO 8601
     errors: dict[str, int]
     error_count: int
     handled: int

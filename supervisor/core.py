@@ -21,6 +21,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -259,6 +260,7 @@ class Supervisor:
         self._cancel_timer(slot)
         reason = self._exit_reason(slot, status)
         slot.last_exit = f"{status.describe()} ({reason})"
+        slot.last_exit_time = datetime.now(UTC).isoformat(timespec="seconds")
         poison = slot.take_back_unfinished()
         if poison is not None:
             self.publisher.dead_letter(slot.name, poison, slot.last_exit)

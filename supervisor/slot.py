@@ -58,6 +58,7 @@ class WorkerSlot:
     handled: int = 0
     dead_letters: int = 0
     last_exit: str | None = None
+    last_exit_time: str | None = None  # ISO 8601
     last_seen: float = 0.0  # when the process last sent anything
     progress_at: float = 0.0  # since when the oldest in-flight message has been the one to wait for
     kill_reason: str | None = None

@@ -138,6 +138,7 @@ def _worker_status(slot: WorkerSlot) -> WorkerStatus:
         restarts=sum(slot.restarts.values()),
         restart_reasons=dict(slot.restarts),
         last_exit=slot.last_exit,
+        last_exit_time=slot.last_exit_time,
         errors=dict(slot.errors),
         error_count=sum(slot.errors.values()),
         handled=slot.handled,

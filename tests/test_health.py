@@ -157,6 +157,7 @@ def test_the_retained_status_and_availability_follow_a_worker_kill(
     after = mqtt.wait_for(status_topic, lambda m: m.json()["workers"]["echo"]["restarts"] == 1)[-1].json()
     worker = after["workers"]["echo"]
     assert worker["restart_reasons"] == {"killed": 1} and worker["last_exit"] == "killed by SIGKILL (killed)"
+    assert worker["last_exit_time"].startswith(after["last_updated"][:10])
 
 
 def test_a_clean_stop_leaves_every_worker_offline(
