@@ -65,6 +65,25 @@ def supervisor_entities(
     for worker in workers:
         of_worker = f"value_json.workers['{worker}']"
         entities += [
+            Sensor(
+                object_id=f"{node}_{worker}_{what}",
+                unique_id=f"{node}_{worker}_{what}",
+                name=f"{worker} {what}",
+                state_topic=status,
+                value_template=f"{{{{ {of_worker}.{field} }}}}",
+                state_class="total_increasing",
+                entity_category="diagnostic",
+                icon=icon,
+                device=device,
+                origin=origin,
+                availability=available,
+            )
+            for what, field, icon in (
+                ("errors", "error_count", "mdi:alert-circle"),
+                ("restarts", "restarts", "mdi:restart"),
+            )
+        ]
+        entities += [
             BinarySensor(
                 object_id=f"{node}_{worker}_running",
                 unique_id=f"{node}_{worker}_running",
@@ -72,32 +91,6 @@ def supervisor_entities(
                 state_topic=status,
                 device_class="running",
                 value_template=f"{{{{ 'ON' if {of_worker}.state == 'running' else 'OFF' }}}}",
-                device=device,
-                origin=origin,
-                availability=available,
-            ),
-            Sensor(
-                object_id=f"{node}_{worker}_errors",
-                unique_id=f"{node}_{worker}_errors",
-                name=f"{worker} errors",
-                state_topic=status,
-                value_template=f"{{{{ {of_worker}.error_count }}}}",
-                state_class="total_increasing",
-                entity_category="diagnostic",
-                icon="mdi:alert-circle",
-                device=device,
-                origin=origin,
-                availability=available,
-            ),
-            Sensor(
-                object_id=f"{node}_{worker}_restarts",
-                unique_id=f"{node}_{worker}_restarts",
-                name=f"{worker} restarts",
-                state_topic=status,
-                value_template=f"{{{{ {of_worker}.restarts }}}}",
-                state_class="total_increasing",
-                entity_category="diagnostic",
-                icon="mdi:restart",
                 device=device,
                 origin=origin,
                 availability=available,

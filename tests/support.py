@@ -68,6 +68,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def accepts_connections(port: int, process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Poll until something accepts TCP connections on 127.0.0.1:`port`; False if `process` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            time.sleep(0.01)
+    return False
+
+
 # The broker ---------------------------------------------------------------------------------------------------------
 
 
@@ -89,17 +101,9 @@ class Broker:
     def start(self, timeout: float = 10.0) -> None:
         with self.log.open("ab") as log:
             self.process = subprocess.Popen([self.executable, "-c", str(self.config)], stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.01)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not accept connections on {self.port}; its log:\n{self.log.read_text()}")
+        if not accepts_connections(self.port, self.process, timeout):
+            self.stop()
+            raise RuntimeError(f"mosquitto did not accept connections on {self.port}; its log:\n{self.log.read_text()}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

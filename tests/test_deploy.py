@@ -8,15 +8,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import time
 import tomllib
 from pathlib import Path
 
 import pytest
 from conftest import SupervisorFactory
-from support import MqttProbe, free_port
+from support import MqttProbe, accepts_connections, free_port
 from test_health import samples, scrape
 from test_supervisor import echo, start
 
@@ -101,14 +99,7 @@ def test_the_mosquitto_config_starts_with_persistence(tmp_path: Path) -> None:
             stderr=log,
         )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert broker.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
-                time.sleep(0.02)
+        assert accepts_connections(port, broker, 10), (tmp_path / "log").read_text()
     finally:
         broker.terminate()
         broker.wait(10)
