@@ -42,9 +42,9 @@ class SupervisorConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=
     # each child releases every descriptor it inherits, the MQTT socket first), "forkserver" (a clean server
     # process with the worker modules preloaded) or "spawn" (a fresh interpreter per worker; slowest, largest).
     start_method: Literal["fork", "forkserver", "spawn"] = "fork"
-    # The outbox's durability: "normal" survives a crash of the supervisor, "full" also a power cut (an fsync per
-    # write, slow on SD cards).
-    outbox_sync: Literal["normal", "full"] = "normal"
+    # The outbox's durability: "off" survives any crash of the supervisor with no fsync; "normal" also a power cut
+    # (but each WAL checkpoint's fsync stalls the loop); "full" fsyncs every write. See supervisor/outbox.py.
+    outbox_sync: Literal["off", "normal", "full"] = "off"
 
 
 class TlsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -3,16 +3,25 @@
 A row is added (and committed at the end of the wake-up, before its bytes leave for the broker) when a worker
 publishes, and removed once the broker has confirmed it and every local subscriber has handled it. Rows left by a
 supervisor that died are replayed at start-up: at least once, never lost. SQLite in WAL mode, standard library.
-`synchronous = NORMAL` survives a crash of the process; `FULL` also a power cut, at the price of an fsync per
-wake-up that writes (slow on SD cards).
+
+Durability (`[supervisor] outbox_sync`): `OFF` hands every commit to the operating system, which survives any crash
+of the supervisor and costs no fsync; a power cut may lose the outbox, and an outbox found corrupt at start-up is
+moved aside (and logged) so the supervisor still starts. `NORMAL` also survives a power cut, except for the last
+moments, but the fsync of each WAL checkpoint stalls the supervisor's loop (tens of ms here, more on SD cards).
+`FULL` fsyncs every commit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
+import time
 from pathlib import Path
 
 from contracts import Publish
+
+log = logging.getLogger("supervisor")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS publications (
@@ -31,15 +40,19 @@ CREATE TABLE IF NOT EXISTS publications (
 class Outbox:
     """Durable publications, written in one transaction per wake-up."""
 
-    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: Path, synchronous: str = "OFF") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
-        self._db.execute(_SCHEMA)
+        try:
+            self._db, self.backlog = _open(path, synchronous)
+        except sqlite3.DatabaseError as exc:
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            log.error("the outbox %s is unreadable (%s); moved to %s, starting with an empty one", path, exc, aside)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
+            self._db, self.backlog = _open(path, synchronous)
         self._in_transaction = False
         self._removals: list[tuple[int]] = []
-        (self.backlog,) = self._db.execute("SELECT count(*) FROM publications").fetchone()
 
     def add(self, worker: str, publication: Publish) -> int:
         """Store `publication` (durable at the next `commit`); returns its row id."""
@@ -104,3 +117,16 @@ class Outbox:
         if not self._in_transaction:
             self._db.execute("BEGIN")
             self._in_transaction = True
+
+
+def _open(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int]:
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute(_SCHEMA)
+        (count,) = db.execute("SELECT count(*) FROM publications").fetchone()
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db, count

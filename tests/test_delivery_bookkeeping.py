@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from testworkers.echo import Echo, EchoConfig
 
-from contracts import Message
+from contracts import Message, Publish
 from supervisor.config import WorkerSettings, WorkerSupervision
 from supervisor.delivery import Deliveries
+from supervisor.outbox import Outbox
 from supervisor.slot import Offer, WorkerSlot, WorkerState
 from supervisor.supervision import RestartTracker
 
@@ -132,3 +134,28 @@ def test_overdue_distinguishes_a_stuck_message_from_a_silent_idle_worker() -> No
     s.offer(message(1), now=11.0)
     assert s.overdue(now=15.0) is None
     assert s.overdue(now=16.5) == ("deadline", "spent more than 5 s on a message")
+
+
+def test_a_corrupt_outbox_is_moved_aside_and_a_fresh_one_starts(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    path.write_bytes(b"this is not a database, as after a power cut" * 100)
+    outbox = Outbox(path)
+    assert outbox.backlog == 0
+    row = outbox.add("w", Publish(topic="t", payload=b"p", qos=1))
+    outbox.commit()
+    assert [r for r, _, _ in outbox.pending()] == [row]
+    outbox.close()
+    assert len(list(tmp_path.glob("outbox.sqlite3.corrupt-*"))) == 1
+
+
+def test_the_outbox_keeps_publications_until_removed(tmp_path: Path) -> None:
+    first = Outbox(tmp_path / "o.sqlite3")
+    kept = first.add("w", Publish(topic="a", payload=b"1", qos=1, retain=True, expiry=60))
+    gone = first.add("w", Publish(topic="b", payload=b"2", qos=2, local_only=True))
+    first.commit()
+    first.remove(gone)
+    first.commit()
+    first.close()
+    again = Outbox(tmp_path / "o.sqlite3")
+    assert again.pending() == [(kept, "w", Publish(topic="a", payload=b"1", qos=1, retain=True, expiry=60))]
+    assert again.backlog == 1
