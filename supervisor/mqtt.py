@@ -73,7 +73,14 @@ class _BufferedClient(paho.Client):
         return len(buf)
 
     def _packet_write(self) -> MQTTErrorCode:
-        rc = super()._packet_write()
+        # paho calls on_publish for every QoS 0 packet it writes, building a ReasonCode and a Properties object
+        # each time (a quarter of the supervisor's CPU in a QoS 0 flood). Nothing tracks QoS 0 completions, so the
+        # callback is hidden while writing; QoS 1 and 2 confirmations arrive while reading and still reach it.
+        on_publish, self._on_publish = self._on_publish, None
+        try:
+            rc = super()._packet_write()
+        finally:
+            self._on_publish = on_publish
         if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
             return rc
         return self._flush()
