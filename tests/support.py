@@ -3,6 +3,7 @@ waiting with deadlines, and looking at processes through /proc."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import shutil
@@ -11,7 +12,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,17 @@ class Broker:
                 self.process.kill()
                 self.process.wait(5)
         self.process = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def serving(cls, workdir: Path, access: str = "allow_anonymous true\n") -> Iterator[Broker]:
+        """A broker started for the body and stopped after it."""
+        broker = cls(workdir, access)
+        broker.start()
+        try:
+            yield broker
+        finally:
+            broker.stop()
 
     @property
     def running(self) -> bool:

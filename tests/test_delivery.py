@@ -104,11 +104,10 @@ def test_worker_to_worker_publications_survive_a_supervisor_kill(
 def persistent_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """A broker that keeps sessions and queued messages across its own restarts."""
     workdir = tmp_path_factory.mktemp("persistent-broker")
-    broker = Broker(workdir, access=f"allow_anonymous true\npersistence true\npersistence_location {workdir}/\n")
-    broker.config.write_text(broker.config.read_text().replace("persistence false\n", ""))
-    broker.start()
-    yield broker
-    broker.stop()
+    with Broker.serving(
+        workdir, f"allow_anonymous true\npersistence true\npersistence_location {workdir}/\n"
+    ) as broker:
+        yield broker
 
 
 def test_publications_made_while_the_broker_is_down_all_arrive(

@@ -19,10 +19,8 @@ def auth_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     workdir = tmp_path_factory.mktemp("auth-broker")
     passwords = workdir / "passwords"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), USER, PASSWORD], check=True)
-    broker = Broker(workdir, access=f"allow_anonymous false\npassword_file {passwords}\n")
-    broker.start()
-    yield broker
-    broker.stop()
+    with Broker.serving(workdir, f"allow_anonymous false\npassword_file {passwords}\n") as broker:
+        yield broker
 
 
 @pytest.fixture
@@ -135,16 +133,12 @@ def make_certificates(directory: Path) -> None:
 def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     workdir = tmp_path_factory.mktemp("tls-broker")
     make_certificates(workdir)
-    broker = Broker(
-        workdir,
-        access=(
-            f"allow_anonymous true\ncafile {workdir / 'ca.crt'}\n"
-            f"certfile {workdir / 'server.crt'}\nkeyfile {workdir / 'server.key'}\n"
-        ),
+    access = (
+        f"allow_anonymous true\ncafile {workdir / 'ca.crt'}\n"
+        f"certfile {workdir / 'server.crt'}\nkeyfile {workdir / 'server.key'}\n"
     )
-    broker.start()
-    yield broker
-    broker.stop()
+    with Broker.serving(workdir, access) as broker:
+        yield broker
 
 
 @pytest.fixture
