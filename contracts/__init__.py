@@ -6,6 +6,7 @@ Workers import only this package.
 """
 
 from contracts.envelopes import (
+    EntitiesDeclared,
     ErrorReported,
     Handled,
     Heartbeat,
@@ -14,12 +15,17 @@ from contracts.envelopes import (
     Outbound,
     Publish,
     Started,
+    StatusReported,
     Stop,
+    Subscribe,
 )
-from contracts.worker import Context, NoConfig, Subscription, Timer, Worker
+from contracts.status import WorkerFacts
+from contracts.worker import Command, Context, NoConfig, Site, Subscription, Timer, Trigger, Worker
 
 __all__ = [
+    "Command",
     "Context",
+    "EntitiesDeclared",
     "ErrorReported",
     "Handled",
     "Heartbeat",
@@ -28,9 +34,14 @@ __all__ = [
     "NoConfig",
     "Outbound",
     "Publish",
+    "Site",
     "Started",
+    "StatusReported",
     "Stop",
+    "Subscribe",
     "Subscription",
     "Timer",
+    "Trigger",
     "Worker",
+    "WorkerFacts",
 ]

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import msgspec
 
+from contracts.homeassistant import DeclaredEntity
+from contracts.status import WorkerFacts
+
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", array_like=True):
     """Base of every envelope; the tag names the concrete type on the wire."""
@@ -92,4 +95,23 @@ class Heartbeat(Envelope, tag="heartbeat", frozen=True, kw_only=True):
     """The worker's loop is alive and idle."""
 
 
-Outbound = Started | Publish | Handled | ErrorReported | Heartbeat
+class EntitiesDeclared(Envelope, tag="entities", frozen=True, kw_only=True):
+    """The worker's Home Assistant entities (all of them: they replace what it declared before)."""
+
+    entities: list[DeclaredEntity]
+
+
+class StatusReported(Envelope, tag="status", frozen=True, kw_only=True):
+    """Fields for the worker's entry in the status document; unset (None) fields keep their last value."""
+
+    facts: WorkerFacts
+
+
+class Subscribe(Envelope, tag="subscribe", frozen=True, kw_only=True):
+    """From now on, also route messages on `topic_filter` to this worker."""
+
+    topic_filter: str
+    qos: int = 0
+
+
+Outbound = Started | Publish | Handled | ErrorReported | Heartbeat | EntitiesDeclared | StatusReported | Subscribe

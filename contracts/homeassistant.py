@@ -2,6 +2,9 @@
 
 `discovery_topic(prefix, node_id, entity)` and `discovery_payload(entity)` give what to publish (retained) for
 Home Assistant to create the entity. Only the keys that are set are sent.
+
+Workers declare entities through their context (`ctx.declare`); the supervisor collects every declaration into one
+`DiscoveryBundle`, which it sends (local-only) on `Site.entities_topic` to the worker that publishes discovery.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class Entity(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     component: ClassVar[str]
     object_id: str
-    unique_id: str
+    unique_id: str = ""  # filled in by `ctx.declare` when left empty
     name: str | None = None
     device: Device | None = None
     origin: Origin | None = None
@@ -95,6 +98,34 @@ class Button(Entity, frozen=True, kw_only=True, omit_defaults=True):
         super().__post_init__()
         if not self.command_topic:
             raise ValueError(f"button {self.object_id!r}: expected a command_topic")
+
+
+class DeclaredEntity(msgspec.Struct, frozen=True, kw_only=True):
+    """One entity as declared, ready to publish: its discovery config is already encoded JSON."""
+
+    component: str
+    object_id: str
+    config: bytes
+
+    def topic(self, prefix: str, node_id: str) -> str:
+        return f"{prefix}/{self.component}/{node_id}/{self.object_id}/config"
+
+
+class DiscoveryBundle(msgspec.Struct, frozen=True, kw_only=True):
+    """Every entity the supervisor and its workers declared, by owner (`supervisor` or a worker's name).
+
+    `owners` are all configured owners; `declared` holds those whose declarations are known in this run (a worker's
+    are known once it has started). An entity published earlier is stale when its owner is no longer in `owners`, or
+    its owner is in `declared` without it. `republish` asks for every config again (after a reconnect).
+    """
+
+    owners: list[str]
+    declared: dict[str, list[DeclaredEntity]]
+    republish: bool = False
+
+
+def declared(entity: Entity) -> DeclaredEntity:
+    return DeclaredEntity(component=entity.component, object_id=entity.object_id, config=discovery_payload(entity))
 
 
 _encoder = msgspec.json.Encoder()

@@ -10,6 +10,17 @@ from __future__ import annotations
 import msgspec
 
 
+class WorkerFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What a worker reports about its own work (`ctx.report_status`); None means not reported."""
+
+    last_run_ts: float | None = None
+    last_run_trigger: str | None = None  # startup | interval | command | catch_up
+    interval_seconds: float | None = None
+    ai_enabled: bool | None = None
+    ai_model: str | None = None
+    event_count: int | None = None
+
+
 class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True):
     state: str  # starting | running | backoff | stopping | stopped | failed
     pid: int | None
@@ -24,6 +35,13 @@ class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True):
     inflight: int
     dropped: int
     dead_letters: int
+    last_run_ts: float | None = None
+    last_run_iso: str | None = None  # ISO 8601 of last_run_ts
+    last_run_trigger: str | None = None
+    interval_seconds: float | None = None
+    ai_enabled: bool | None = None
+    ai_model: str | None = None
+    event_count: int | None = None
 
 
 class MqttStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -42,4 +60,6 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     ai_error_count: int
     publish_error_count: int
     outbox_messages: int
+    ai_enabled: bool | None  # from the worker that reports it (ai_analyzer); None when none does
+    event_count: int | None  # the sum of what workers report (the scraper's events); None when none does
     workers: dict[str, WorkerStatus]

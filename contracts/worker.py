@@ -9,13 +9,18 @@ process goes through its `Context`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import msgspec
 
 from contracts.envelopes import Message
+from contracts.homeassistant import Entity
+
+T = TypeVar("T")
+Trigger = Literal["startup", "interval", "command", "catch_up"]
 
 
 class Subscription(msgspec.Struct, frozen=True):
@@ -28,6 +33,42 @@ class Subscription(msgspec.Struct, frozen=True):
     topic_filter: str
     qos: int = 0
     commands: bool = False
+
+
+class Site(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a worker runs: the supervisor's topics and Home Assistant's, from the supervisor's config."""
+
+    base_topic: str = "supervisor"
+    availability_topic: str = "supervisor/availability"
+    discovery_prefix: str = "homeassistant"
+    homeassistant_status_topic: str = "homeassistant/status"
+    node_id: str = "supervisor"  # the supervisor's Home Assistant node (its client id, made topic-safe)
+    sw_version: str = "0"
+
+    def worker_availability_topic(self, worker: str) -> str:
+        """`online`/`offline` (retained) as worker `worker` runs and stops."""
+        return f"{self.base_topic}/worker/{worker}/availability"
+
+    def command_topic(self, worker: str, command: str) -> str:
+        """Where a press of `worker`'s `command` button arrives; it reaches the worker as a `Command`."""
+        return f"{self.base_topic}/cmd/{worker}/{command}"
+
+    @property
+    def entities_topic(self) -> str:
+        """Local topic of the supervisor's `DiscoveryBundle`: every entity declared by it and its workers."""
+        return f"{self.base_topic}/homeassistant/entities"
+
+    @property
+    def request_prefix(self) -> str:
+        """`<base>/request/<action>` is the supervisor's control API."""
+        return f"{self.base_topic}/request"
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True):
+    """A press of one of this worker's buttons (a message on `<base>/cmd/<worker>/<name>`)."""
+
+    name: str
+    payload: bytes = b""
 
 
 class NoConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -47,6 +88,7 @@ class Context(Protocol):
     log: logging.Logger
     state_dir: Path
     config: Any
+    site: Site
 
     def publish(
         self,
@@ -77,6 +119,42 @@ class Context(Protocol):
         """Run `callback` once, `seconds` from now, between messages."""
         ...
 
+    def run_in_thread(self, work: Callable[[], T], then: Callable[[Future[T]], None]) -> None:
+        """Run blocking `work` (HTTP, a model call) on a background thread; `then` gets its finished future on the
+        worker's loop, between messages. Messages, timers and heartbeats go on meanwhile."""
+        ...
+
+    def command_topic(self, command: str) -> str:
+        """The topic whose messages reach this worker's `on_command` as `Command(name=command)`."""
+        ...
+
+    def declare(self, entities: Sequence[Entity]) -> None:
+        """Declare this worker's Home Assistant entities, replacing what it declared before.
+
+        Filled in where not set: object_id and unique_id prefixed with the node and worker, a device for this
+        worker (via the supervisor's), the origin, and availability over the supervisor's and this worker's topics
+        with mode `all`. Raises ValueError for a button whose command topic is not one of `command_topic(...)`.
+        """
+        ...
+
+    def report_status(
+        self,
+        *,
+        last_run_ts: float | None = None,
+        last_run_trigger: Trigger | None = None,
+        interval_seconds: float | None = None,
+        ai_enabled: bool | None = None,
+        ai_model: str | None = None,
+        event_count: int | None = None,
+    ) -> None:
+        """Set fields of this worker's entry in the supervisor's status document; None leaves a field as it is."""
+        ...
+
+    def subscribe(self, topic_filter: str, qos: int = 0) -> None:
+        """Also receive messages on `topic_filter` from now on (until the worker stops); raises ValueError for an
+        invalid filter."""
+        ...
+
 
 ConfigT = TypeVar("ConfigT", bound=msgspec.Struct)
 
@@ -92,6 +170,7 @@ class Worker(Generic[ConfigT]):
     name: ClassVar[str]
     Config: ClassVar[type[msgspec.Struct]] = NoConfig
     config: ConfigT
+    site: Site = Site()  # set with `config`, before `subscriptions()`
 
     def subscriptions(self) -> list[Subscription]:
         """The topic filters this worker receives; called after `config` is set, in the supervisor process."""
@@ -102,6 +181,11 @@ class Worker(Generic[ConfigT]):
 
     def on_message(self, ctx: Context, message: Message) -> None:
         """Called for each message, one at a time."""
+
+    def on_command(self, ctx: Context, command: Command) -> None:
+        """Called for a press of one of this worker's buttons (`ctx.command_topic(name)`); `restart` is the
+        supervisor's and never arrives here."""
+        ctx.log.warning("ignored unknown command %r", command.name)
 
     def on_stop(self, ctx: Context) -> None:
         """Called once when the worker is asked to stop."""

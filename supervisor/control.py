@@ -1,9 +1,11 @@
-"""The control API: requests on `<base>/request/<action>` and button presses on `<base>/cmd/<worker>/<command>`.
+"""The control API: requests on `<base>/request/<action>` and restart presses on `<base>/cmd/<worker>/restart`.
 
-A request carries JSON, `{"worker": "<name>"}` for `restart`, `stop` and `start`, nothing for `status`. The reply is
-JSON, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`, sent to the request's MQTT 5 response topic with its
-correlation data, or else to `<base>/response/<action>`. A press on `<base>/cmd/<worker>/restart` (Home Assistant's
-restart button) restarts that worker and has no reply. Both are command topics: retained messages are ignored.
+A request carries JSON, `{"worker": "<name>"}` for `restart`, `stop` and `start`, nothing for `status` and
+`republish` (status and availability published again). The reply is JSON, `{"ok": true, ...}` or
+`{"ok": false, "error": "..."}`, sent to the request's MQTT 5 response topic with its correlation data, or else to
+`<base>/response/<action>`. A press on `<base>/cmd/<worker>/restart` (Home Assistant's restart button) restarts that
+worker and has no reply; the worker's other commands go to the worker itself. Both are command topics: retained
+messages are ignored. Workers reach this API too, by publishing a request (it is delivered locally).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Controls(Protocol):
 
     def status_document(self) -> Any: ...
 
+    def republish(self) -> None: ...
+
 
 Reply = Callable[[str, bytes, bytes | None], None]  # (topic, payload, correlation data)
 
@@ -47,19 +51,16 @@ class ControlAPI:
 
     @property
     def filters(self) -> list[str]:
-        return [f"{self.base}/request/+", f"{self.base}/cmd/+/+"]
+        return [f"{self.base}/request/+", f"{self.base}/cmd/+/restart"]
 
     def handle(self, message: Message) -> None:
         levels = message.topic[len(self.base) + 1 :].split("/")
-        if levels[0] == "cmd" and len(levels) == 3:
-            self._press(worker=levels[1], command=levels[2])
+        if levels[0] == "cmd" and len(levels) == 3 and levels[2] == "restart":
+            self._restart_pressed(worker=levels[1])
         elif levels[0] == "request" and len(levels) == 2:
             self._request(levels[1], message)
 
-    def _press(self, worker: str, command: str) -> None:
-        if command != "restart":
-            log.warning("ignored command %r for worker %s: only restart is known", command, worker)
-            return
+    def _restart_pressed(self, worker: str) -> None:
         try:
             self.controls.restart_worker(worker)
         except ControlError as exc:
@@ -78,13 +79,16 @@ class ControlAPI:
     def _carry_out(self, action: str, payload: bytes) -> dict[str, Any]:
         if action == "status":
             return {"status": self.controls.status_document()}
+        if action == "republish":
+            self.controls.republish()
+            return {}
         commands = {
             "restart": self.controls.restart_worker,
             "stop": self.controls.stop_worker,
             "start": self.controls.start_worker,
         }
         if action not in commands:
-            raise ControlError(f"unknown action {action!r}; expected one of: restart, start, status, stop")
+            raise ControlError(f"unknown action {action!r}; expected one of: republish, restart, start, status, stop")
         try:
             request = json.loads(payload or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -16,7 +16,6 @@ import functools
 import gc
 import itertools
 import logging
-import random
 import signal
 import socket
 import time
@@ -26,20 +25,35 @@ from typing import Any
 
 import msgspec
 
-from contracts import ErrorReported, Handled, Heartbeat, Message, Outbound, Publish, Started, Stop, Subscription
+from contracts import (
+    EntitiesDeclared,
+    ErrorReported,
+    Handled,
+    Heartbeat,
+    Message,
+    Outbound,
+    Publish,
+    Site,
+    Started,
+    StatusReported,
+    Stop,
+    Subscribe,
+    Subscription,
+)
+from contracts.homeassistant import DeclaredEntity, DiscoveryBundle, declared
 from supervisor import __version__, control
 from supervisor.channel import ChannelClosed
 from supervisor.config import Settings, WorkerSettings
 from supervisor.control import ControlAPI, ControlError
 from supervisor.delivery import Deliveries
-from supervisor.discovery import publish_discovery, supervisor_entities
+from supervisor.discovery import node_id, supervisor_entities
 from supervisor.errors import ConfigError
 from supervisor.loop import Loop
 from supervisor.metrics import MetricsServer
 from supervisor.mqtt import Incoming, MqttLink
 from supervisor.processes import ExitStatus, WorkerProcess, start_method_context
 from supervisor.publishing import Publisher
-from supervisor.router import InvalidTopicFilter, Router
+from supervisor.router import InvalidTopicFilter, Router, covers
 from supervisor.runtime import EXIT_START_FAILED
 from supervisor.slot import Offer, WorkerSlot, WorkerState
 from supervisor.status import StatusReporter
@@ -52,10 +66,23 @@ _LIVENESS_CHECK_SECONDS = 0.25
 _KILL_GRACE_SECONDS = 2.0
 
 
-def worker_subscriptions(settings: WorkerSettings) -> list[Subscription]:
-    """The subscriptions of the worker described by `settings`, validated; raises ConfigError."""
+def site_of(settings: Settings) -> Site:
+    return Site(
+        base_topic=settings.supervisor.base_topic,
+        availability_topic=settings.mqtt.availability_topic,
+        discovery_prefix=settings.homeassistant.discovery_prefix,
+        homeassistant_status_topic=settings.homeassistant.status_topic,
+        node_id=node_id(settings.mqtt.client_id),
+        sw_version=__version__,
+    )
+
+
+def worker_subscriptions(settings: WorkerSettings, site: Site) -> list[Subscription]:
+    """The subscriptions of the worker described by `settings`, validated, with its command topic (its buttons);
+    raises ConfigError."""
     worker = settings.worker_class()
     worker.config = settings.config
+    worker.site = site
     subscriptions = worker.subscriptions()
     for subscription in subscriptions:
         try:
@@ -68,7 +95,7 @@ def worker_subscriptions(settings: WorkerSettings) -> list[Subscription]:
                 "subscriptions()",
                 f"expected qos 0, 1 or 2, got {subscription.qos}",
             )
-    return subscriptions
+    return [*subscriptions, Subscription(site.command_topic(settings.name, "+"), qos=1, commands=True)]
 
 
 class Supervisor:
@@ -79,15 +106,16 @@ class Supervisor:
         self.loop = Loop(clock)
         self.router = Router()
         self.link = MqttLink(settings.mqtt, settings.password, self.loop, self)
+        self.site = site_of(settings)
         self.slots = {w.name: WorkerSlot(w, RestartTracker(w.supervision)) for w in settings.workers}
         for slot in self.slots.values():
-            for subscription in worker_subscriptions(slot.settings):
+            for subscription in worker_subscriptions(slot.settings, self.site):
                 self.router.add(slot.name, [subscription.topic_filter], subscription.qos, subscription.commands)
         self.control = ControlAPI(settings.supervisor.base_topic, self, self._reply)
         self.router.add(control.NAME, self.control.filters, qos=1, commands=True)
-        self.router.add(control.NAME, [settings.homeassistant.status_topic], qos=1)  # Home Assistant's birth
-        numbered = settings.mqtt.protocol == 5 and self.router.overlapping()
-        self.link.subscribe(self.router.broker_filters(numbered=numbered), numbered=numbered)
+        # Numbered under MQTT 5 always: workers may subscribe to overlapping filters while running.
+        self._numbered = settings.mqtt.protocol == 5
+        self.link.subscribe(self.router.broker_filters(numbered=self._numbered), numbered=self._numbered)
         self.started_at = time.time()
         self.exit_code = 0
         self._ids = itertools.count(1)
@@ -97,6 +125,8 @@ class Supervisor:
         self.deliveries = Deliveries(self.link.ack, self._forget_publication)
         self.publisher = Publisher(settings, self.router, self.link, self.deliveries, self._offer, self._ids)
         self.version = __version__
+        self.declarations: dict[str, list[DeclaredEntity]] = {control.NAME: self._own_entities()}
+        self._bundle_due: bool | None = None  # None: nothing to send; else whether to ask for a full republish
         self.metrics: MetricsServer | None = None
         self.notifier = Notifier()  # reads systemd's variables now, before any worker can inherit them
         self._ready = False
@@ -209,7 +239,7 @@ class Supervisor:
         state_dir = self.settings.state_dir / "workers" / slot.name
         level = logging.getLevelName(log.getEffectiveLevel())
         inherited = [*self.loop.fds(), *(s.fileno() for s in self._wakeup)]
-        process = WorkerProcess(self._context, slot.settings, str(state_dir), level, inherited)
+        process = WorkerProcess(self._context, slot.settings, self.site, str(state_dir), level, inherited)
         slot.process = process
         slot.state = WorkerState.STARTING
         slot.last_seen = self.loop.clock()
@@ -240,7 +270,17 @@ class Supervisor:
                 if slot.state is WorkerState.STARTING:
                     slot.state = WorkerState.RUNNING
                 slot.tracker.started(now)
+                self.declarations.setdefault(slot.name, [])  # what it declared in on_start came before
+                self._send_bundle()  # it may be the one that publishes discovery
                 log.info("worker %s running (pid %d)", slot.name, pid)
+            case EntitiesDeclared(entities=entities):
+                if self.declarations.get(slot.name) != entities:
+                    self.declarations[slot.name] = entities
+                    self._send_bundle()
+            case StatusReported(facts=facts):
+                slot.report(facts)
+            case Subscribe(topic_filter=topic_filter, qos=qos):
+                self._subscribe(slot, topic_filter, qos)
             case Heartbeat():
                 pass
 
@@ -346,15 +386,62 @@ class Supervisor:
     # Routing ------------------------------------------------------------------------------------------------------
 
     def _offer(self, name: str, message: Message) -> None:
-        """Hand `message` to worker `name`; one `done` follows for it, unless the supervisor is stopping."""
-        if self.slots[name].offer(message, self.loop.clock()) in (Offer.REFUSED, Offer.DROPPED):
+        """Hand `message` to worker `name` (or to the supervisor's control API, when a worker sent a request); one
+        `done` follows for it, unless the supervisor is stopping."""
+        if name == control.NAME:
+            self.control.handle(message)
             self.deliveries.done(message.id)
+        elif self.slots[name].offer(message, self.loop.clock()) in (Offer.REFUSED, Offer.DROPPED):
+            self.deliveries.done(message.id)
+
+    def _subscribe(self, slot: WorkerSlot, topic_filter: str, qos: int) -> None:
+        """Route `topic_filter` to the worker too (a worker's own subscription, made while it runs)."""
+        if self.router.routes_to(slot.name, topic_filter):
+            return
+        new = self.router.number(topic_filter) is None
+        covered = not self._numbered and any(
+            covers(f, topic_filter) for f, _, _ in self.router.broker_filters(numbered=False)
+        )
+        self.router.add(slot.name, [topic_filter], qos)
+        number = self.router.number(topic_filter)
+        assert number is not None
+        if new and not covered:
+            self.link.add_subscription(topic_filter, qos, number)
+        log.info("worker %s subscribed to %s", slot.name, topic_filter)
+
+    # Home Assistant entities --------------------------------------------------------------------------------------
+
+    def _own_entities(self) -> list[DeclaredEntity]:
+        settings = self.settings
+        entities = supervisor_entities(
+            settings.supervisor.base_topic,
+            settings.mqtt.availability_topic,
+            settings.mqtt.client_id,
+            self.version,
+            self.slots,
+        )
+        return [declared(entity) for entity in entities]
+
+    def _send_bundle(self, republish: bool = False) -> None:
+        """Send every declared entity to the local subscribers of the entities topic, at the end of this wake-up."""
+        self._bundle_due = republish or bool(self._bundle_due)
+
+    def _flush_bundle(self) -> None:
+        if self._bundle_due is None:
+            return
+        bundle = DiscoveryBundle(
+            owners=[control.NAME, *self.slots], declared=self.declarations, republish=self._bundle_due
+        )
+        self._bundle_due = None
+        payload = msgspec.msgpack.encode(bundle)
+        self.publisher.publish(control.NAME, Publish(topic=self.site.entities_topic, payload=payload, local_only=True))
 
     def _forget_publication(self, row: int) -> None:
         self.publisher.forget(row)
 
     def _end_of_wakeup(self) -> None:
         """Make this wake-up's publications durable, then acknowledge, then write to workers and the broker."""
+        self._flush_bundle()
         self.publisher.commit()
         self.deliveries.release()
         self._write_to_workers()
@@ -429,6 +516,9 @@ class Supervisor:
     def status_document(self) -> Any:
         return msgspec.to_builtins(self.status.snapshot())
 
+    def republish(self) -> None:
+        self.status.republish()
+
     def _controllable(self, name: str) -> WorkerSlot:
         if self._stopping:
             raise ControlError("the supervisor is stopping")
@@ -472,33 +562,8 @@ class Supervisor:
 
     def link_connected(self, session_present: bool) -> None:
         self.status.republish()
-        self._publish_discovery()
-
-    def _home_assistant_announced(self, payload: bytes) -> None:
-        """Home Assistant (re)started: send discovery, state and availability again after a short random delay, so
-        that a house full of devices does not answer all at once."""
-        if payload.strip().lower() == b"online":
-            self.loop.call_later(random.uniform(0.5, 3.0), self._republish_for_home_assistant)
-
-    def _republish_for_home_assistant(self) -> None:
-        self._publish_discovery()
-        self.status.republish()
-
-    def _publish_discovery(self) -> None:
-        settings = self.settings
-        entities = supervisor_entities(
-            settings.supervisor.base_topic,
-            settings.mqtt.availability_topic,
-            settings.mqtt.client_id,
-            self.version,
-            self.slots,
-        )
-        publish_discovery(
-            settings.homeassistant.discovery_prefix,
-            settings.mqtt.client_id,
-            entities,
-            lambda topic, payload: self.link.publish(topic, payload, qos=1, retain=True),
-        )
+        # Without our session the broker may have lost its retained messages too: every discovery config again.
+        self._send_bundle(republish=not session_present)
 
     def link_disconnected(self, reason: str) -> None:
         self.deliveries.connection_lost()
@@ -532,10 +597,7 @@ class Supervisor:
             self._offer(name, routed)
 
     def _supervisor_message(self, message: Incoming) -> None:
-        """A message for the supervisor itself: Home Assistant's birth, or a control request or button press."""
-        if message.topic == self.settings.homeassistant.status_topic:
-            self._home_assistant_announced(message.payload)
-            return
+        """A message for the supervisor itself: a control request or a restart button press."""
         request = Message(
             id=0,
             topic=message.topic,

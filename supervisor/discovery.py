@@ -1,16 +1,16 @@
-"""Home Assistant discovery of the supervisor itself: one device with, per worker, a running binary_sensor, errors
+"""The supervisor's own Home Assistant entities: one device with, per worker, a running binary_sensor, errors
 and restarts sensors, and a restart button.
 
 The running sensor and the restart button follow the supervisor's availability only: a worker that is down must
-show as not running, and its restart button must stay pressable. Published (retained) on every connect and, after
-a short random delay, whenever Home Assistant announces itself on its status topic.
+show as not running, and its restart button must stay pressable. They are declared like a worker's and published by
+the ha_responder worker with the rest.
 """
 
 from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from contracts.homeassistant import (
     Availability,
@@ -20,11 +20,7 @@ from contracts.homeassistant import (
     Entity,
     Origin,
     Sensor,
-    discovery_payload,
-    discovery_topic,
 )
-
-Publish = Callable[[str, bytes], object]  # (topic, payload): retained, QoS 1
 
 
 def node_id(client_id: str) -> str:
@@ -109,8 +105,3 @@ def supervisor_entities(
         ]
     return entities
 
-
-def publish_discovery(prefix: str, client_id: str, entities: Iterable[Entity], publish: Publish) -> None:
-    node = node_id(client_id)
-    for entity in entities:
-        publish(discovery_topic(prefix, node, entity), discovery_payload(entity))

@@ -173,6 +173,7 @@ class MqttLink:
         self._subscriptions: list[tuple[str, int, int]] = []
         self._numbered = False
         self._unacknowledged: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its filters
+        self._born = False  # birth published on this connection
         self._stopping = False
         self._delay = config.reconnect_min_seconds
         self._retry: TimerHandle | None = None
@@ -196,6 +197,12 @@ class MqttLink:
         """
         self._subscriptions = list(filters)
         self._numbered = numbered
+
+    def add_subscription(self, topic_filter: str, qos: int, identifier: int) -> None:
+        """Subscribe to one more filter, now if connected, and on every connect from now on."""
+        self._subscriptions.append((topic_filter, qos, identifier))
+        if self.connected:
+            self._send_subscriptions([(topic_filter, qos, identifier)])
 
     def start(self) -> None:
         """Connect now, and keep reconnecting until `stop`. The owner calls `flush` at the end of every wake-up."""
@@ -406,14 +413,13 @@ class MqttLink:
             log.warning("still: %s", text)
         self._last_problem = (text, now)
 
-    def _send_subscriptions(self) -> None:
-        self._unacknowledged.clear()
+    def _send_subscriptions(self, subscriptions: list[tuple[str, int, int]]) -> None:
         if not self._v5:
-            if self._subscriptions:
-                filters = [f for f, _, _ in self._subscriptions]
-                self._track(filters, self._client.subscribe([(f, qos) for f, qos, _ in self._subscriptions]))
+            if subscriptions:
+                filters = [f for f, _, _ in subscriptions]
+                self._track(filters, self._client.subscribe([(f, qos) for f, qos, _ in subscriptions]))
             return
-        for topic_filter, qos, identifier in self._subscriptions:
+        for topic_filter, qos, identifier in subscriptions:
             properties = None
             if self._numbered:
                 properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
@@ -507,13 +513,18 @@ class MqttLink:
             self.reconnects += 1
         self._ever_connected = True
         self._delay = self.config.reconnect_min_seconds
-        self._send_subscriptions()
+        self._unacknowledged.clear()
+        self._born = False
+        self._send_subscriptions(self._subscriptions)
         if not self._unacknowledged:
             self._publish_birth()  # else once the broker has acknowledged every subscription
         self.listener.link_connected(flags.session_present)
 
     def _publish_birth(self) -> None:
         """`online` on the availability topic: published when the subscriptions are in place, so it means ready."""
+        if self._born:
+            return
+        self._born = True
         self._client.publish(self.config.availability_topic, self.config.birth_payload.encode(), qos=1, retain=True)
 
     def _on_disconnect(

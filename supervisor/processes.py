@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from contracts import Outbound, Stop
+from contracts import Outbound, Site, Stop
 from supervisor import runtime
 from supervisor.channel import Channel
 from supervisor.config import WorkerSettings
@@ -70,7 +70,13 @@ class WorkerProcess:
     """One running incarnation of a worker."""
 
     def __init__(
-        self, context: Any, settings: WorkerSettings, state_dir: str, log_level: str, inherited: list[int]
+        self,
+        context: Any,
+        settings: WorkerSettings,
+        site: Site,
+        state_dir: str,
+        log_level: str,
+        inherited: list[int],
     ) -> None:
         """Start the worker. `inherited`: the supervisor's descriptors, which a forked child must release."""
         ours, theirs = socket.socketpair()
@@ -95,6 +101,7 @@ class WorkerProcess:
             state_dir=state_dir,
             log_level=log_level,
             heartbeat_seconds=min(1.0, settings.supervision.heartbeat_timeout_seconds / 4),
+            site=site,
             release_fds=[*inherited, ours.fileno()] if forked else [],
         )
         self.process = context.Process(target=runtime.run, args=(spec, theirs), name=f"worker-{settings.name}")

@@ -111,6 +111,16 @@ class Router:
                 self._commands.add((worker, number))
         self._cache.clear()
 
+    def routes_to(self, worker: str, topic_filter: str) -> bool:
+        """True when `topic_filter` was added for `worker`."""
+        number = self.number(topic_filter)
+        return number is not None and any(w == worker and n == number for _, w, n in self._routes)
+
+    def number(self, topic_filter: str) -> int | None:
+        """The number of `topic_filter`, or None when no worker subscribed to it."""
+        known = self._filters.get(topic_filter)
+        return known[0] if known is not None else None
+
     def is_command(self, worker: str, number: int) -> bool:
         """True when `worker` takes the topic through a filter it marked as carrying commands."""
         return (worker, number) in self._commands

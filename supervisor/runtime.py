@@ -21,15 +21,19 @@ import logging
 import os
 import select
 import signal
+import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from contracts import (
+    Command,
+    EntitiesDeclared,
     ErrorReported,
     Handled,
     Heartbeat,
@@ -37,19 +41,29 @@ from contracts import (
     Message,
     Outbound,
     Publish,
+    Site,
     Started,
+    StatusReported,
     Stop,
+    Subscribe,
     Timer,
+    Trigger,
     Worker,
+    WorkerFacts,
 )
+from contracts.homeassistant import Availability, Button, Device, Entity, Origin, declared
 from supervisor.channel import Channel, ChannelClosed
 from supervisor.loop import Loop
+from supervisor.router import InvalidTopicFilter, check_filter
+
+T = TypeVar("T")
 
 EXIT_START_FAILED = 3
 # What a handler raises when a payload is not what it expects: counted as `decode` errors, not handler failures.
 _UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, json.JSONDecodeError, UnicodeDecodeError)
 _PR_SET_PDEATHSIG = 1
 _FLUSH_AFTER_SECONDS = 0.002
+_THREADS = 4  # background threads per worker for `run_in_thread`, started on first use
 
 
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,6 +76,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     state_dir: str
     log_level: str
     heartbeat_seconds: float
+    site: Site = Site()
     release_fds: list[int] = msgspec.field(default_factory=list)  # the supervisor's, inherited through fork
 
 
@@ -79,6 +94,7 @@ def run(spec: WorkerSpec, sock: Any) -> None:
     worker_class = getattr(importlib.import_module(spec.module), spec.qualname)
     worker = worker_class()
     worker.config = msgspec.msgpack.decode(spec.config, type=worker_class.Config)
+    worker.site = spec.site
     try:
         code = WorkerLoop(spec, worker, Channel(sock, Inbound)).run()
     except ChannelClosed:
@@ -136,6 +152,42 @@ class _Repeating:
         self._next.cancel()
 
 
+class _Threads:
+    """A small thread pool whose results come back to the worker's loop: a finished future is queued, and a byte on
+    a socket pair wakes the loop to hand it to its callback."""
+
+    def __init__(self, loop: Loop) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="worker-io")
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._done: list[tuple[Future[Any], Callable[[Future[Any]], None]]] = []
+        self._loop = loop
+        loop.add_reader(self._wake_read, self._deliver)
+
+    def submit(self, work: Callable[[], T], then: Callable[[Future[T]], None]) -> None:
+        future = self._pool.submit(work)
+        future.add_done_callback(lambda f: self._finished(f, then))  # runs on the pool's thread
+
+    def _finished(self, future: Future[Any], then: Callable[[Future[Any]], None]) -> None:
+        self._done.append((future, then))  # list.append is atomic; the loop takes the list whole
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")
+
+    def _deliver(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_read.recv(4096)
+        done, self._done = self._done, []
+        for future, then in done:
+            then(future)
+
+    def close(self) -> None:
+        """Stop taking work; threads still running are left to finish (they are daemon-like: the process exits)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._loop.remove_reader(self._wake_read)
+        self._wake_read.close()
+        self._wake_write.close()
+
+
 class WorkerContext:
     """The `contracts.Context` a worker is given; what it publishes is collected in `outgoing`.
 
@@ -144,15 +196,23 @@ class WorkerContext:
     """
 
     def __init__(
-        self, name: str, config: Any, state_dir: Path, loop: Loop, clock: Callable[[], float] = time.time
+        self,
+        name: str,
+        config: Any,
+        state_dir: Path,
+        loop: Loop,
+        site: Site | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
         self.config = config
         self.state_dir = state_dir
+        self.site = site or Site()
         self.log = logging.getLogger(f"workers.{name}")
         self.outgoing: list[Outbound] = []
         self._loop = loop
         self._clock = clock
+        self._threads: _Threads | None = None
 
     def publish(
         self,
@@ -184,6 +244,94 @@ class WorkerContext:
     def call_later(self, seconds: float, callback: Callable[[], None]) -> Timer:
         return self._loop.call_later(seconds, self._guarded(callback))
 
+    def run_in_thread(self, work: Callable[[], T], then: Callable[[Future[T]], None]) -> None:
+        if self._threads is None:
+            self._threads = _Threads(self._loop)
+        self._threads.submit(work, self._guarded_then(then))
+
+    def command_topic(self, command: str) -> str:
+        return self.site.command_topic(self.name, command)
+
+    def declare(self, entities: Sequence[Entity]) -> None:
+        completed = [declared(self._completed(entity)) for entity in entities]
+        seen: set[tuple[str, str]] = set()
+        for entity in completed:
+            key = (entity.component, entity.object_id)
+            if key in seen:
+                raise ValueError(f"declare(): two {entity.component} entities with object_id {entity.object_id!r}")
+            seen.add(key)
+        self.outgoing.append(EntitiesDeclared(entities=completed))
+
+    def _completed(self, entity: Entity) -> Entity:
+        """`entity` with this worker's defaults filled in (see `contracts.Context.declare`)."""
+        site, worker = self.site, self.name
+        own_commands = self.site.command_topic(worker, "")
+        if isinstance(entity, Button) and not entity.command_topic.startswith(own_commands):
+            raise ValueError(
+                f"button {entity.object_id!r}: command_topic must be one of this worker's, "
+                f"ctx.command_topic(<name>) = {own_commands}<name>; got {entity.command_topic!r}"
+            )
+        object_id = f"{worker}_{entity.object_id}"
+        unique_id = entity.unique_id or f"{site.node_id}_{object_id}"
+        changes: dict[str, Any] = {"object_id": object_id, "unique_id": unique_id}
+        if entity.device is None:
+            changes["device"] = Device(
+                identifiers=[f"{site.node_id}_{worker}"],
+                name=f"{worker} ({site.node_id})",
+                manufacturer="mqtt-home-supervisor",
+                model=worker,
+                sw_version=site.sw_version,
+                via_device=site.node_id,
+            )
+        if entity.origin is None:
+            changes["origin"] = Origin(name="mqtt-home-supervisor", sw_version=site.sw_version)
+        if not entity.availability:
+            changes["availability"] = [
+                Availability(topic=site.availability_topic),
+                Availability(topic=site.worker_availability_topic(worker)),
+            ]
+            changes["availability_mode"] = "all"
+        return msgspec.structs.replace(entity, **changes)
+
+    def report_status(
+        self,
+        *,
+        last_run_ts: float | None = None,
+        last_run_trigger: Trigger | None = None,
+        interval_seconds: float | None = None,
+        ai_enabled: bool | None = None,
+        ai_model: str | None = None,
+        event_count: int | None = None,
+    ) -> None:
+        facts = WorkerFacts(
+            last_run_ts=last_run_ts,
+            last_run_trigger=last_run_trigger,
+            interval_seconds=interval_seconds,
+            ai_enabled=ai_enabled,
+            ai_model=ai_model,
+            event_count=event_count,
+        )
+        self.outgoing.append(StatusReported(facts=facts))
+
+    def subscribe(self, topic_filter: str, qos: int = 0) -> None:
+        try:
+            check_filter(topic_filter)
+        except InvalidTopicFilter as exc:
+            raise ValueError(str(exc)) from None
+        if qos not in (0, 1, 2):
+            raise ValueError(f"subscribe({topic_filter!r}): expected qos 0, 1 or 2, got {qos}")
+        self.outgoing.append(Subscribe(topic_filter=topic_filter, qos=qos))
+
+    def close(self) -> None:
+        if self._threads is not None:
+            self._threads.close()
+
+    def _guarded_then(self, then: Callable[[Future[T]], None]) -> Callable[[Future[T]], None]:
+        def run(future: Future[T]) -> None:
+            self._guarded(lambda: then(future))()
+
+        return run
+
     def _guarded(self, callback: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
@@ -205,8 +353,9 @@ class WorkerLoop:
         self.worker = worker
         self.channel = channel
         self.loop = Loop()
-        self.ctx = WorkerContext(spec.name, worker.config, state_dir, self.loop)
+        self.ctx = WorkerContext(spec.name, worker.config, state_dir, self.loop, spec.site)
         self.log = self.ctx.log
+        self._commands = spec.site.command_topic(spec.name, "")
         self._last_sent = time.monotonic()
         self._exit_code: int | None = None
 
@@ -249,7 +398,10 @@ class WorkerLoop:
         started = time.perf_counter()
         failed = False
         try:
-            self.worker.on_message(self.ctx, message)
+            if message.topic.startswith(self._commands):
+                self._command(message)
+            else:
+                self.worker.on_message(self.ctx, message)
         except _UNDECODABLE as exc:  # policy: bad input is counted as `decode`, logged and dropped
             failed = True
             self.ctx.report_error("decode", f"cannot decode the payload on {message.topic}: {exc}")
@@ -262,12 +414,18 @@ class WorkerLoop:
         if finished - started >= _FLUSH_AFTER_SECONDS:
             self._flush()  # a slow handler should not hold back what it published
 
+    def _command(self, message: Message) -> None:
+        name = message.topic[len(self._commands) :]
+        if name != "restart":  # the supervisor's own: it restarts this process
+            self.worker.on_command(self.ctx, Command(name=name, payload=message.payload))
+
     def _stop(self) -> None:
         try:
             self.worker.on_stop(self.ctx)
         except Exception as exc:  # policy: a failing stop is reported; the process still exits normally
             self.log.exception("on_stop failed")
             self.ctx.report_error("stop", f"{type(exc).__name__}: {exc}")
+        self.ctx.close()
         self._flush()
         self._exit_code = 0
 

@@ -13,7 +13,7 @@ from enum import Enum
 
 import msgspec
 
-from contracts import Inbound, Message
+from contracts import Inbound, Message, WorkerFacts
 from supervisor.config import WorkerSettings
 from supervisor.loop import TimerHandle
 from supervisor.processes import WorkerProcess
@@ -66,6 +66,12 @@ class WorkerSlot:
     command: str | None = None  # "stop" or "restart", asked for by a person, carried out once the process exits
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # last: +Inf
     latency_sum: float = 0.0
+    facts: WorkerFacts = field(default_factory=WorkerFacts)  # what the worker reported about its own work
+
+    def report(self, facts: WorkerFacts) -> None:
+        """Take the fields the worker set; the others keep their last value."""
+        changes = {name: value for name in facts.__struct_fields__ if (value := getattr(facts, name)) is not None}
+        self.facts = msgspec.structs.replace(self.facts, **changes)
 
     @property
     def name(self) -> str:

@@ -95,6 +95,9 @@ class StatusReporter:
         def errors_of(kind: str) -> int:
             return sum(w.errors.get(kind, 0) for w in workers.values())
 
+        ai = [w.ai_enabled for w in workers.values() if w.ai_enabled is not None]
+        events = [w.event_count for w in workers.values() if w.event_count is not None]
+
         return Status(
             status=overall if self.link.connected else "degraded",
             sw_version=self.version,
@@ -107,6 +110,8 @@ class StatusReporter:
             ai_error_count=errors_of("ai"),
             publish_error_count=errors_of("publish") + self.link.publish_errors,
             outbox_messages=self.outbox_backlog(),
+            ai_enabled=any(ai) if ai else None,
+            event_count=sum(events) if events else None,
             workers=workers,
         )
 
@@ -132,6 +137,8 @@ def _stable(status: Status) -> Status:
 
 
 def _worker_status(slot: WorkerSlot) -> WorkerStatus:
+    facts = slot.facts
+    last_run = facts.last_run_ts
     return WorkerStatus(
         state=slot.state.value,
         pid=slot.process.pid if slot.process is not None else None,
@@ -146,4 +153,11 @@ def _worker_status(slot: WorkerSlot) -> WorkerStatus:
         inflight=len(slot.inflight),
         dropped=slot.dropped,
         dead_letters=slot.dead_letters,
+        last_run_ts=last_run,
+        last_run_iso=datetime.fromtimestamp(last_run, UTC).isoformat(timespec="seconds") if last_run else None,
+        last_run_trigger=facts.last_run_trigger,
+        interval_seconds=facts.interval_seconds,
+        ai_enabled=facts.ai_enabled,
+        ai_model=facts.ai_model,
+        event_count=facts.event_count,
     )

@@ -1,19 +1,16 @@
-"""Home Assistant: typed entity declarations, and the supervisor's own device as Home Assistant discovers it."""
+"""Home Assistant: typed entity declarations, checked when they are made (discovery: test_worker_ha_responder)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
 
 import pytest
-from conftest import SupervisorFactory
-from support import MqttProbe
-from test_supervisor import echo, start
 
+from contracts import EntitiesDeclared, Site
 from contracts.homeassistant import Availability, BinarySensor, Button, Sensor, discovery_payload
-
-# Keys Home Assistant's MQTT discovery requires per platform (besides unique_id, device and availability).
-REQUIRED = {"binary_sensor": {"state_topic"}, "sensor": {"state_topic"}, "button": {"command_topic"}}
+from supervisor.loop import Loop
+from supervisor.runtime import WorkerContext
 
 
 def test_declarations_are_checked_when_they_are_made() -> None:
@@ -35,39 +32,17 @@ def test_a_declaration_encodes_only_what_is_set() -> None:
     }
 
 
-def discovery(probe: MqttProbe, prefix: str) -> dict[str, dict[str, Any]]:
-    return {m.topic: m.json() for m in probe.messages if m.topic.startswith(f"{prefix}/ha/") and m.payload}
 
-
-def test_the_supervisor_is_a_device_with_entities_per_worker(
-    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
-) -> None:
-    ha = {"discovery_prefix": f"{prefix}/ha", "status_topic": f"{prefix}/ha/status"}
-    start(supervisors, mqtt, {"echo": echo(prefix)}, {"homeassistant": ha})
-    mqtt.wait_for(
-        f"{prefix}/ha/button/sup-{prefix.replace('/', '-')}/sup-{prefix.replace('/', '-')}_echo_restart/config"
-    )
-    configs = discovery(mqtt, prefix)
-    assert len(configs) == 5  # the status sensor, and four entities for the one worker
-    for topic, config in configs.items():
-        component = topic.split("/")[-4]
-        assert REQUIRED[component] <= set(config), topic
-        assert config["unique_id"] and config["device"]["identifiers"] and config["device"]["name"]
-        assert config["origin"]["name"] == "mqtt-home-supervisor"
-        assert config["availability"] == [{"topic": f"{supervisors.base}/availability"}]
-    button = next(c for t, c in configs.items() if "/button/" in t)
-    assert button["command_topic"] == f"{supervisors.base}/cmd/echo/restart"
-    mqtt.publish(button["command_topic"], button.get("payload_press", "PRESS"))  # what Home Assistant sends
-    mqtt.wait_for(f"{prefix}/out/echo/started", count=2)
-
-
-def test_home_assistants_birth_brings_discovery_again(
-    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
-) -> None:
-    ha = {"discovery_prefix": f"{prefix}/ha", "status_topic": f"{prefix}/ha/status"}
-    start(supervisors, mqtt, {"echo": echo(prefix)}, {"homeassistant": ha})
-    node = f"sup-{prefix.replace('/', '-')}"
-    running = f"{prefix}/ha/binary_sensor/{node}/{node}_echo_running/config"
-    mqtt.wait_for(running)
-    mqtt.publish(f"{prefix}/ha/status", "online")
-    mqtt.wait_for(running, count=2, timeout=10)
+def test_a_worker_may_declare_buttons_only_on_its_own_command_topics(tmp_path: Path) -> None:
+    site = Site(base_topic="home/sup", node_id="box")
+    ctx = WorkerContext("scraper", None, tmp_path, Loop(), site)
+    with pytest.raises(ValueError, match=r"^button 'refresh': command_topic must be one of this worker's, "):
+        ctx.declare([Button(object_id="refresh", command_topic="home/sup/cmd/other/refresh")])
+    ctx.declare([Button(object_id="refresh", command_topic=ctx.command_topic("refresh"))])
+    (declared,) = ctx.outgoing
+    assert isinstance(declared, EntitiesDeclared)
+    config = json.loads(declared.entities[0].config)
+    assert config["object_id"] == "scraper_refresh"
+    assert config["unique_id"] == "box_scraper_refresh"
+    assert config["command_topic"] == "home/sup/cmd/scraper/refresh"
+    assert config["availability_mode"] == "all"
