@@ -4,8 +4,8 @@ It builds the worker from its spec, runs `on_start`, then handles one message at
 between messages, heartbeats while idle, and sends what the worker publishes back to the supervisor.
 
 Failure policy (written here because it is implemented here):
-- an exception from `on_message` or from a timer callback is reported as an error of kind `handler`, logged with its
-  traceback, and the loop goes on;
+- an exception from `on_message`, `on_command`, a timer callback or a `run_in_thread` result callback is reported as
+  an error of kind `handler`, logged with its traceback, and the loop goes on;
 - an exception from `on_start` is a crash: it is reported, and the process exits with EXIT_START_FAILED so the
   supervisor applies the worker's restart policy;
 - the end of the pipe means the supervisor is gone: the worker runs `on_stop` and exits.
@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -160,7 +161,7 @@ class _Threads:
         self._pool = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="worker-io")
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
-        self._done: list[tuple[Future[Any], Callable[[Future[Any]], None]]] = []
+        self._done: deque[tuple[Future[Any], Callable[[Future[Any]], None]]] = deque()  # appended by threads
         self._loop = loop
         loop.add_reader(self._wake_read, self._deliver)
 
@@ -169,15 +170,15 @@ class _Threads:
         future.add_done_callback(lambda f: self._finished(f, then))  # runs on the pool's thread
 
     def _finished(self, future: Future[Any], then: Callable[[Future[Any]], None]) -> None:
-        self._done.append((future, then))  # list.append is atomic; the loop takes the list whole
+        self._done.append((future, then))  # deque.append and popleft are thread-safe
         with contextlib.suppress(OSError):
             self._wake_write.send(b"x")
 
     def _deliver(self) -> None:
         with contextlib.suppress(BlockingIOError):
             self._wake_read.recv(4096)
-        done, self._done = self._done, []
-        for future, then in done:
+        while self._done:
+            future, then = self._done.popleft()
             then(future)
 
     def close(self) -> None:
@@ -191,8 +192,8 @@ class _Threads:
 class WorkerContext:
     """The `contracts.Context` a worker is given; what it publishes is collected in `outgoing`.
 
-    Timer callbacks run on the worker's loop between messages; an exception from one is counted as a `handler`
-    error and survived, as for message handlers.
+    Timer callbacks and `run_in_thread` result callbacks run on the worker's loop between messages; an exception
+    from one is counted as a `handler` error and survived, as for message handlers.
     """
 
     def __init__(
@@ -328,17 +329,17 @@ class WorkerContext:
 
     def _guarded_then(self, then: Callable[[Future[T]], None]) -> Callable[[Future[T]], None]:
         def run(future: Future[T]) -> None:
-            self._guarded(lambda: then(future))()
+            self._guarded(lambda: then(future), "thread result")()
 
         return run
 
-    def _guarded(self, callback: Callable[[], None]) -> Callable[[], None]:
+    def _guarded(self, callback: Callable[[], None], what: str = "timer") -> Callable[[], None]:
         def run() -> None:
             try:
                 callback()
             except Exception as exc:  # policy: as for handlers, counted and survived
-                self.log.exception("timer callback failed")
-                self.report_error("handler", f"{type(exc).__name__}: {exc} (timer)")
+                self.log.exception("%s callback failed", what)
+                self.report_error("handler", f"{type(exc).__name__}: {exc} ({what})")
 
         return run
 

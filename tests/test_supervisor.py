@@ -379,3 +379,20 @@ def test_a_timer_callback_exception_is_counted_and_the_worker_goes_on(
     assert (
         wait_echo(mqtt, f"{prefix}/out/echo", "after the timer")["pid"] == started_pids(mqtt, f"{prefix}/out/echo")[0]
     )
+
+
+def test_blocking_work_on_a_thread_leaves_the_worker_free_and_its_failure_is_counted(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    # A heartbeat timeout shorter than the work: the worker's loop must keep heartbeating while the thread sleeps.
+    table = echo(prefix, heartbeat_timeout_seconds=1.0)
+    process = start(supervisors, mqtt, {"echo": table})
+    mqtt.publish(f"{prefix}/in/x", "thread:2")
+    mqtt.publish(f"{prefix}/in/x", "meanwhile")
+    wait_echo(mqtt, f"{prefix}/out/echo", "meanwhile")
+    assert not mqtt.received(f"{prefix}/out/echo/thread")  # answered while the work was still going on
+    (result,) = mqtt.wait_for(f"{prefix}/out/echo/thread", timeout=10)
+    assert result.text == "slept 2"
+    assert len(started_pids(mqtt, f"{prefix}/out/echo")) == 1  # never killed for silence
+    mqtt.publish(f"{prefix}/in/x", "thread_raise")
+    process.wait_log("error (handler): RuntimeError: asked to raise on a thread (thread result)")

@@ -8,6 +8,8 @@ on `<out>/echo`, unless the payload is a command:
 - `hang` sleeps for an hour; `sleep:<seconds>` sleeps, then replies;
 - `timer_raise` schedules a timer that raises; `block` schedules a timer that sleeps for an hour (so heartbeats stop
   while no message is in hand);
+- `thread:<seconds>` sleeps on a background thread (`ctx.run_in_thread`), then publishes `slept <seconds>` on
+  `<out>/thread`; `thread_raise` raises there instead (the worker then reports it as a `handler` error);
 - `forward:<topic>` publishes to `<topic>`; `env:<NAME>` publishes the environment variable NAME (or `<unset>`)
   on `<out>/env`.
 Touches nothing outside.
@@ -34,6 +36,13 @@ class EchoConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     delay_seconds: float = 0.0  # time taken by every message, so that a backlog builds up
 
 
+def _sleep_or_raise(seconds: float, text: str) -> str:
+    if text == "thread_raise":
+        raise RuntimeError("asked to raise on a thread")
+    time.sleep(seconds)
+    return f"slept {seconds:g}"
+
+
 class Echo(Worker[EchoConfig]):
     """Replies to every message on `<out>/echo`; see the module docstring for the commands it obeys."""
 
@@ -45,6 +54,9 @@ class Echo(Worker[EchoConfig]):
 
     def on_start(self, ctx: Context) -> None:
         ctx.publish(f"{self.config.out}/started", str(os.getpid()), qos=1)
+
+    def _slept(self, ctx: Context, result: str) -> None:
+        ctx.publish(f"{self.config.out}/thread", result, qos=1)
 
     def on_message(self, ctx: Context, message: Message) -> None:
         text = message.payload.decode(errors="replace")
@@ -70,6 +82,10 @@ class Echo(Worker[EchoConfig]):
             time.sleep(float(text.removeprefix("sleep:")))
         if text.startswith("json:"):
             json.loads(text.removeprefix("json:"))  # raises on bad JSON: a decode error, as a real worker's would
+        if text.startswith("thread:") or text == "thread_raise":
+            seconds = float(text.removeprefix("thread:")) if text != "thread_raise" else 0.0
+            ctx.run_in_thread(lambda: _sleep_or_raise(seconds, text), lambda done: self._slept(ctx, done.result()))
+            return
         if text.startswith("env:"):
             ctx.publish(f"{self.config.out}/env", os.environ.get(text.removeprefix("env:"), "<unset>"), qos=1)
             return
