@@ -1,8 +1,10 @@
 """The ai_analyzer's bus protocol: a worker asks for short human text and gets a correlated reply.
 
-A requester publishes an `AiRequest` (JSON, local-only, QoS 1) on `request_topic(site.base_topic)`; the ai_analyzer
-answers with an `AiReply` carrying the same `id` on the request's `reply_to` topic (local-only, QoS 1), within its
-configured deadline, whether or not the model answered: `fallback` marks a rule-based result.
+A requester publishes an `AiRequest` (JSON, QoS 1; local-only from a worker) on `request_topic(site.base_topic)`; the
+ai_analyzer answers with an `AiReply` carrying the same `id` on the request's `reply_to` topic (QoS 1), within its
+configured deadline, whether or not the model answered: `fallback` marks a rule-based result. A reply to a topic
+under the base topic stays local (worker to worker); a reply to any other topic also goes to the broker, so that
+scripts and Node-RED can ask too.
 """
 
 from __future__ import annotations

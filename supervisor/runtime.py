@@ -100,7 +100,11 @@ def run(spec: WorkerSpec, sock: Any) -> None:
         code = WorkerLoop(spec, worker, Channel(sock, Inbound)).run()
     except ChannelClosed:
         code = 0  # the supervisor went away while we were writing to it
-    sys.exit(code)
+    # Exit now: a `run_in_thread` call still under way (an HTTP request waiting for its timeout) must not hold the
+    # process, and everything the worker sent is already written.
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _release(fds: list[int]) -> None:
@@ -182,7 +186,7 @@ class _Threads:
             then(future)
 
     def close(self) -> None:
-        """Stop taking work; threads still running are left to finish (they are daemon-like: the process exits)."""
+        """Stop taking work; threads still running are abandoned (the process exits without waiting for them)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._loop.remove_reader(self._wake_read)
         self._wake_read.close()
