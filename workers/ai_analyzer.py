@@ -120,7 +120,7 @@ class AiAnalyzerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     retries: Annotated[int, msgspec.Meta(ge=0)] = 2  # further attempts after a 429, a 5xx or a network error
     retry_backoff_seconds: Seconds = 1.0  # doubles per retry; a 429's Retry-After takes precedence
     max_retry_wait_seconds: Seconds = 30.0  # the longest wait between attempts (caps Retry-After too)
-    max_concurrent_requests: Count = 2  # requests to the model at once; further ones queue
+    max_concurrent_requests: Annotated[int, msgspec.Meta(ge=1, le=4)] = 2  # at once (4 threads); more queue
     max_queued_requests: Count = 100  # a request beyond these gets the fallback at once (an `ai` error)
     requests_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 60  # 0: no limit
     reply_deadline_seconds: Seconds = 15.0  # no reply later than this after the request
