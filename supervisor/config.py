@@ -300,7 +300,7 @@ def _config_error(
     if isinstance(literal, msgspec.inspect.LiteralType):
         problem = "expected one of " + ", ".join(json.dumps(v) for v in literal.values)
     found = _lookup(raw, path)
-    if found is not _ABSENT:  # show the value itself rather than only its type
+    if found is not _ABSENT and not isinstance(found, dict | list):  # the value itself rather than only its type
         problem = problem.split(", got ")[0] + f", got {json.dumps(found, default=str)}"
     return ConfigError(source, _key(table, path), problem)
 
