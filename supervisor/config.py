@@ -306,14 +306,15 @@ def _config_error(
 
 
 def _split_path(path: str) -> list[str]:
-    """`.mqtt.tls.enabled` or `.sources[0].url` -> ['mqtt', 'tls', 'enabled'] / ['sources', '[0]', 'url']."""
-    return [part for part in re.split(r"\.|(?=\[)", path) if part]
+    """`.mqtt.tls.enabled` or `.sources[0].url` -> ['mqtt', 'tls', 'enabled'] / ['sources', '[0]', 'url'];
+    `.jobs[...].task` (a key of a table of tables) -> ['jobs', '[...]', 'task']."""
+    return re.findall(r"\[[^\]]*\]|[^.\[]+", path)
 
 
 def _key(table: str, path: list[str]) -> str:
     parts = ([table] if table else []) + path
     *tables, key = parts if parts else [""]
-    dotted_table = ".".join(tables).replace(".[", "[")
+    dotted_table = ".".join(tables).replace(".[...]", ".<name>").replace(".[", "[")
     return f"[{dotted_table}] {key}" if dotted_table else key
 
 
@@ -322,9 +323,10 @@ _ABSENT = object()
 
 def _lookup(raw: Any, path: list[str]) -> Any:
     for part in path:
-        if part.startswith("["):
-            index = int(part[1:-1])
-            raw = raw[index] if isinstance(raw, list) and index < len(raw) else _ABSENT
+        if part.startswith("["):  # `[3]` in a list; `[...]` in a table of tables (msgspec does not say which key)
+            index = part[1:-1]
+            fits = isinstance(raw, list) and index.isdigit() and int(index) < len(raw)
+            raw = raw[int(index)] if fits else _ABSENT
         else:
             raw = raw.get(part, _ABSENT) if isinstance(raw, dict) else _ABSENT
         if raw is _ABSENT:
@@ -338,7 +340,10 @@ def _type_at(type_: type, path: list[str]) -> Any:
     for part in path:
         info = _without_none(info)
         if part.startswith("["):
-            info = info.item_type if isinstance(info, msgspec.inspect.ListType) else None
+            if isinstance(info, msgspec.inspect.ListType):
+                info = info.item_type
+            else:
+                info = info.value_type if isinstance(info, msgspec.inspect.DictType) else None
         elif isinstance(info, msgspec.inspect.StructType):
             info = {f.name: f.type for f in info.fields}.get(part)
         else:

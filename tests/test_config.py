@@ -229,3 +229,10 @@ def test_missing_file_and_broken_toml_are_config_errors(tmp_path: Path) -> None:
         config.load(tmp_path / "absent.toml", {})
     with pytest.raises(ConfigError, match=r"config.toml: invalid TOML: .*line 1"):
         config.load(write(tmp_path, "[mqtt\n"), {})
+
+
+def test_an_error_inside_a_table_of_tables_is_reported_not_raised(tmp_path: Path) -> None:
+    text = '[supervisor]\nworker_packages = ["workers"]\n[workers.batch_scheduler.jobs.nightly]\ntask = "nap"\n'
+    expected = r'config.toml: \[workers.batch_scheduler.jobs.<name>\] task: expected one of "analysis", "retention"$'
+    with pytest.raises(ConfigError, match=expected):
+        config.load(write(tmp_path, text), {})
