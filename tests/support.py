@@ -256,7 +256,8 @@ class MqttProbe:
 
 
 def toml(document: dict[str, Any]) -> str:
-    """A small TOML writer for the test configs: tables, strings, numbers, booleans and lists of those."""
+    """A small TOML writer for the test configs: tables, strings, numbers, booleans, lists of those, and dicts
+    inside lists (written as inline tables, so a list of dicts is an array of tables)."""
     lines: list[str] = []
 
     def value(v: Any) -> str:
@@ -268,6 +269,8 @@ def toml(document: dict[str, Any]) -> str:
             return json.dumps(v)
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
         raise TypeError(f"cannot write {v!r} as TOML")
 
     def table(name: str, body: dict[str, Any]) -> None:

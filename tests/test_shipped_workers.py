@@ -1,0 +1,185 @@
+"""Every shipped worker, as a user runs it: each one alone through start, one message and stop; all four together,
+with every entity they declare checked against what Home Assistant's MQTT discovery accepts."""
+
+from __future__ import annotations
+
+import json
+import signal
+from typing import Any
+
+import pytest
+from conftest import SupervisorFactory
+from support import MqttProbe, wait_until
+
+from supervisor.registry import discover
+
+SHIPPED = sorted(discover(["workers"]))
+
+
+def minimal(name: str, prefix: str) -> dict[str, Any]:
+    """The smallest sensible config of each shipped worker, on this test's topics and with no outside service."""
+    tables: dict[str, dict[str, Any]] = {
+        "scraper": {
+            "sources": [
+                {
+                    "name": "nowhere",
+                    "url": "http://127.0.0.1:9/",
+                    "items": "li",
+                    "fields": {"title": "h3", "date": "time"},
+                }
+            ],
+            "retries": 0,
+            "timeout_seconds": 1.0,
+        },
+        "ai_analyzer": {"base_url": "http://127.0.0.1:9/v1", "timeout_seconds": 1.0, "retries": 0},
+        "batch_scheduler": {"record_topics": [f"{prefix}/home/+/+/state"], "use_ai": False},
+        "ha_responder": {
+            "devices_prefix": f"{prefix}/home",
+            "feedback_topic": f"{prefix}/ha-ai/responses/#",
+            "republish_delay_min_seconds": 0.05,
+            "republish_delay_max_seconds": 0.1,
+        },
+    }
+    return tables.get(name, {})
+
+
+def tables(prefix: str) -> dict[str, Any]:
+    return {
+        "supervisor": {"worker_packages": ["workers"]},
+        "homeassistant": {"discovery_prefix": f"{prefix}/ha", "status_topic": f"{prefix}/ha/status"},
+    }
+
+
+def latest_status(mqtt: MqttProbe, base: str, predicate: Any, what: str) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        statuses = [m.json() for m in mqtt.received(f"{base}/status")]
+        return statuses[-1] if statuses and predicate(statuses[-1]) else None
+
+    return wait_until(found, 15, what)  # type: ignore[no-any-return]
+
+
+def test_the_four_workers_ship() -> None:
+    assert SHIPPED == ["ai_analyzer", "batch_scheduler", "ha_responder", "scraper"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_worker_starts_handles_a_message_and_stops(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, name: str
+) -> None:
+    mqtt.subscribe(f"{prefix}/#")
+    process = supervisors.start({name: minimal(name, prefix)}, **tables(prefix))
+    base = supervisors.base
+    mqtt.wait_for(f"{base}/worker/{name}/availability", lambda m: m.text == "online")
+    mqtt.publish(f"{base}/cmd/{name}/nothing_known", "PRESS")  # every worker takes its commands
+    status = latest_status(mqtt, base, lambda s: s["workers"][name]["handled"] >= 1, f"{name} to handle a message")
+    assert status["workers"][name]["state"] == "running"
+    assert not {"handler", "decode", "start"} & set(status["workers"][name]["errors"])
+    process.signal(signal.SIGTERM)
+    assert process.wait() == 0
+    assert f"worker {name} stopped: exit code 0" in process.log()
+
+
+# What Home Assistant's MQTT discovery accepts, per platform (keys this product may send; HA ignores none silently).
+COMMON = {
+    "availability",
+    "availability_mode",
+    "device",
+    "entity_category",
+    "icon",
+    "json_attributes_template",
+    "json_attributes_topic",
+    "name",
+    "object_id",
+    "origin",
+    "unique_id",
+}
+PLATFORMS = {
+    "sensor": (
+        {"state_topic"},
+        COMMON
+        | {
+            "device_class",
+            "expire_after",
+            "options",
+            "state_class",
+            "state_topic",
+            "unit_of_measurement",
+            "value_template",
+        },
+    ),
+    "binary_sensor": (
+        {"state_topic"},
+        COMMON | {"device_class", "expire_after", "payload_off", "payload_on", "state_topic", "value_template"},
+    ),
+    "button": ({"command_topic"}, COMMON | {"command_topic", "device_class", "payload_press"}),
+}
+STATE_CLASSES = {"measurement", "total", "total_increasing"}
+
+
+def configs(mqtt: MqttProbe, prefix: str) -> dict[str, dict[str, Any]]:
+    latest: dict[str, bytes] = {}
+    for message in mqtt.messages:
+        if message.topic.startswith(f"{prefix}/ha/") and message.topic.endswith("/config"):
+            latest[message.topic] = message.payload
+    return {topic: json.loads(payload) for topic, payload in latest.items() if payload}
+
+
+def check_entity(topic: str, config: dict[str, Any]) -> None:
+    platform = topic.split("/")[-4]
+    required, allowed = PLATFORMS[platform]
+    assert required <= set(config), f"{topic}: missing {required - set(config)}"
+    assert set(config) <= allowed, f"{topic}: keys Home Assistant does not know: {set(config) - allowed}"
+    device = config["device"]
+    assert device["identifiers"] and all(isinstance(i, str) for i in device["identifiers"]), topic
+    assert isinstance(device["name"], str) and device["name"], topic
+    assert config["origin"]["name"] == "mqtt-home-supervisor", topic
+    assert config["availability"] and all(a["topic"] for a in config["availability"]), topic
+    assert config.get("entity_category") in (None, "config", "diagnostic"), topic
+    if platform == "sensor":
+        assert config.get("state_class") in (None, *STATE_CLASSES), topic
+        if config.get("device_class") == "timestamp":
+            assert "unit_of_measurement" not in config and "state_class" not in config, topic
+        if "options" in config:
+            assert config.get("device_class") == "enum" and "unit_of_measurement" not in config, topic
+
+
+def test_with_the_four_shipped_workers_every_entity_is_valid_and_every_button_reaches_its_worker(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    mqtt.subscribe(f"{prefix}/#")
+    supervisors.start({name: minimal(name, prefix) for name in SHIPPED}, **tables(prefix))
+    base = supervisors.base
+    # The supervisor: a status sensor and 4 entities per worker; scraper 4, ai_analyzer 5, batch_scheduler 5,
+    # ha_responder 3 of their own.
+    expected = 1 + 4 * 4 + 4 + 5 + 5 + 3
+    wait_until(lambda: len(configs(mqtt, prefix)) == expected, 15, f"{expected} discovery configs")
+    found = configs(mqtt, prefix)
+    for topic, config in found.items():
+        check_entity(topic, config)
+    unique_ids = [c["unique_id"] for c in found.values()]
+    assert len(set(unique_ids)) == len(unique_ids)
+    declared = {t: c for t, c in found.items() if len(c["availability"]) == 2}
+    assert {c["device"]["model"] for c in declared.values()} == set(SHIPPED)
+    for config in declared.values():
+        worker = config["device"]["model"]
+        assert config["availability"] == [
+            {"topic": f"{base}/availability"},
+            {"topic": f"{base}/worker/{worker}/availability"},
+        ]
+        assert config["availability_mode"] == "all"
+    buttons = [c for c in declared.values() if "command_topic" in c]
+    assert sorted(c["command_topic"].rsplit("/", 2)[1] for c in buttons) == [
+        "ai_analyzer",
+        "batch_scheduler",
+        "scraper",
+    ]
+    before = latest_status(mqtt, base, lambda s: True, "a status")
+    for button in buttons:
+        mqtt.publish(button["command_topic"], button.get("payload_press", "PRESS"))
+    for button in buttons:
+        worker = button["command_topic"].rsplit("/", 2)[1]
+        handled = before["workers"][worker]["handled"]
+        status = latest_status(
+            mqtt, base, lambda s, w=worker, h=handled: s["workers"][w]["handled"] > h, f"{worker} to get its press"
+        )
+        assert not {"handler", "decode"} & set(status["workers"][worker]["errors"]), worker
