@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
 from supervisor import config
 from supervisor.config import ConfigError
+from supervisor.registry import discover
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +56,32 @@ def test_shipped_config_names_every_option() -> None:
         if not re.search(rf"^#? ?{f} =", text, re.M) and f"[mqtt.{f}]" not in text
     ]
     assert missing == []
+
+
+def test_shipped_config_names_every_option_of_every_shipped_worker() -> None:
+    text = (ROOT / "deploy" / "config.toml").read_text()
+    missing = []
+    for name, worker in discover(["workers"]).items():
+        assert f"[workers.{name}]" in text
+        for struct in _structs(msgspec.inspect.type_info(worker.Config)):
+            for field in struct.fields:
+                named = re.search(rf"^#? ?{field.name} =|\b{field.name} = |\.{field.name}[\].]", text, re.M)
+                if named is None:
+                    missing.append(f"{name}: {struct.cls.__name__}.{field.name}")
+    assert missing == []
+
+
+def _structs(info: Any) -> list[Any]:
+    """Every Struct type reachable from `info` (fields, list items, dict values, unions)."""
+    if isinstance(info, msgspec.inspect.StructType):
+        return [info] + [s for f in info.fields for s in _structs(f.type)]
+    if isinstance(info, msgspec.inspect.ListType):
+        return _structs(info.item_type)
+    if isinstance(info, msgspec.inspect.DictType):
+        return _structs(info.value_type)
+    if isinstance(info, msgspec.inspect.UnionType):
+        return [s for t in info.types for s in _structs(t)]
+    return []
 
 
 def test_empty_file_gives_the_documented_defaults(tmp_path: Path) -> None:

@@ -22,8 +22,9 @@ from conftest import SupervisorFactory, SupervisorProcess
 from support import MqttProbe, Received, wait_until
 
 from workers._cron import Cron
+from workers._history import Recorder
 from workers._patterns import analysis_window
-from workers.batch_scheduler import BatchSchedulerConfig, Recorder, entity_of, state_of
+from workers.batch_scheduler import BatchSchedulerConfig, entity_of, state_of
 
 BERLIN = ZoneInfo("Europe/Berlin")
 SUGGESTIONS = "ha-ai/events/suggestion/generated"

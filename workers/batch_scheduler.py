@@ -38,7 +38,8 @@ from contracts import Command, Context, Message, Subscription, Timer, Trigger, W
 from contracts.ai import AiReply, AiRequest, request_topic
 from contracts.homeassistant import Button, Entity, Sensor
 from workers._cron import Cron, CronSchedule, IntervalSchedule, Schedule, missed_run
-from workers._patterns import AnalysisSettings, Change, Suggestion, analysis_window, find_patterns, suggest
+from workers._history import Recorder, delete_before, read_changes
+from workers._patterns import AnalysisSettings, Suggestion, analysis_window, find_patterns, suggest
 
 SUGGESTION_EXPIRY_SECONDS = 30
 _WAKE_AT_LEAST_EVERY = 60.0  # re-read the clock this often while waiting for a job: it may have been stepped
@@ -119,7 +120,7 @@ class BatchSchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unk
                 raise ValueError(f"jobs.{name}: {exc}") from None
 
 
-# Persisted state and the recorded history -------------------------------------------------------------------------
+# Job state and incoming states --------------------------------------------------------------------------------------
 
 
 class JobState(msgspec.Struct, kw_only=True):
@@ -130,67 +131,6 @@ class JobState(msgspec.Struct, kw_only=True):
     last_trigger: Trigger | None = None
     last_duration_seconds: float | None = None
     last_suggestions: int | None = None
-
-
-class Recorder:
-    """The history database: one row per state change, written on the worker's loop."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.db = connect(path)
-        self.db.executescript(
-            "CREATE TABLE IF NOT EXISTS changes (ts REAL NOT NULL, entity TEXT NOT NULL, state TEXT NOT NULL);"
-            "CREATE INDEX IF NOT EXISTS changes_by_ts ON changes (ts);"
-            "CREATE INDEX IF NOT EXISTS changes_by_entity ON changes (entity, ts);"
-        )
-        rows = self.db.execute("SELECT entity, state, max(ts) FROM changes GROUP BY entity")
-        self.last_state = {entity: state for entity, state, _ in rows}
-
-    def record(self, ts: float, entity: str, state: str) -> bool:
-        """Write a change of `entity` to `state`; False (nothing written) if that is its state already."""
-        if self.last_state.get(entity) == state:
-            return False
-        with self.db:
-            self.db.execute("INSERT INTO changes VALUES (?, ?, ?)", (ts, entity, state))
-        self.last_state[entity] = state
-        return True
-
-    def close(self) -> None:
-        self.db.close()
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=10)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    return db
-
-
-def read_changes(path: Path, start: float, end: float) -> list[Change]:
-    """The changes recorded between `start` and `end`; opens its own connection (it runs on a background thread)."""
-    db = connect(path)
-    try:
-        rows = db.execute("SELECT ts, entity, state FROM changes WHERE ts >= ? AND ts < ? ORDER BY ts", (start, end))
-        return [Change(ts, entity, state) for ts, entity, state in rows]
-    finally:
-        db.close()
-
-
-def delete_before(path: Path, cutoff: float, chunk: int = 5000) -> int:
-    """Delete changes older than `cutoff` in small transactions, so the recorder is never locked out for long."""
-    db, deleted = connect(path), 0
-    try:
-        while True:
-            with db:
-                cursor = db.execute(
-                    "DELETE FROM changes WHERE rowid IN (SELECT rowid FROM changes WHERE ts < ? LIMIT ?)",
-                    (cutoff, chunk),
-                )
-            deleted += cursor.rowcount
-            if cursor.rowcount < chunk:
-                return deleted
-    finally:
-        db.close()
 
 
 def entity_of(topic: str) -> str:
