@@ -62,7 +62,7 @@ def supervisor(broker: Broker, workdir: Path, workers: dict[str, dict[str, Any]]
                 "supervisor": {
                     "base_topic": f"bench/{tag}",
                     "state_dir": str(workdir / "state"),
-                    "worker_packages": ["testworkers"],
+                    "worker_packages": ["testworkers", "workers"],
                 },
                 "mqtt": {"port": broker.port, "client_id": f"bench-{tag}"},
                 "metrics": {"port": 0},
@@ -276,15 +276,55 @@ def measure_fanout(broker: Broker, workdir: Path, load: LoadGen) -> dict[str, An
     return figures
 
 
+# The four shipped workers, idle: no reachable web page or model (nothing to fetch while measured).
+SHIPPED: dict[str, dict[str, Any]] = {
+    "scraper": {
+        "sources": [
+            {"name": "idle", "url": "http://127.0.0.1:9/", "items": "li", "fields": {"title": "h3", "date": "t"}}
+        ],
+        "retries": 0,
+        "short_names": False,
+    },
+    "ai_analyzer": {"base_url": "http://127.0.0.1:9/v1"},
+    "batch_scheduler": {"record_topics": ["bench/idle/home/+/+/state"], "use_ai": False},
+    "ha_responder": {"devices_prefix": "bench/idle/home", "feedback_topic": "bench/idle/responses/#"},
+}
+
+
+@contextmanager
+def services(broker: Broker) -> Iterator[list[subprocess.Popen[str]]]:
+    """The shipped workers run the way the supervisor replaces: one process each, with its own paho connection."""
+    script = str(Path(__file__).with_name("baseline_service.py"))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, script, str(broker.port), f"workers.{name}", json.dumps(table)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for name, table in SHIPPED.items()
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            if process.stdout.readline().strip() != "ready":
+                raise RuntimeError("a baseline service did not start")
+        yield processes
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+
+
 def measure_memory(broker: Broker, workdir: Path) -> dict[str, Any]:
-    with supervisor(broker, workdir, relays(4, lambda i: [f"bench/idle/{i}"], 1)) as process:
+    """PSS of the supervisor with the four shipped workers, against each run as its own process with paho."""
+    with supervisor(broker, workdir, SHIPPED) as process:
         time.sleep(1.0)  # let start-up settle
         workers = worker_pids(process.pid)
         helpers = [pid for pid in descendants(process.pid) if pid not in workers]
         supervisor_pss = pss_bytes(process.pid)
         helper_pss = sum(pss_bytes(pid) for pid in helpers)
         worker_pss = [pss_bytes(pid) for pid in workers]
-    with baselines(broker, [(f"bench/idle/{i}", "bench/out") for i in range(4)], 1) as processes:
+    with services(broker) as processes:
         time.sleep(1.0)
         baseline_pss = [pss_bytes(p.pid) for p in processes]
     total = supervisor_pss + helper_pss + sum(worker_pss)
