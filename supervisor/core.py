@@ -53,7 +53,7 @@ from supervisor.metrics import MetricsServer
 from supervisor.mqtt import Incoming, MqttLink
 from supervisor.processes import ExitStatus, WorkerProcess, start_method_context
 from supervisor.publishing import Publisher
-from supervisor.router import InvalidTopicFilter, Router, covers
+from supervisor.router import InvalidTopicFilter, Router, covers, overlap
 from supervisor.runtime import EXIT_START_FAILED
 from supervisor.slot import Offer, WorkerSlot, WorkerState
 from supervisor.status import StatusReporter
@@ -113,8 +113,8 @@ class Supervisor:
                 self.router.add(slot.name, [subscription.topic_filter], subscription.qos, subscription.commands)
         self.control = ControlAPI(settings.supervisor.base_topic, self, self._reply)
         self.router.add(control.NAME, self.control.filters, qos=1, commands=True)
-        # Numbered under MQTT 5 always: workers may subscribe to overlapping filters while running.
-        self._numbered = settings.mqtt.protocol == 5
+        # Subscription identifiers cost paho a properties parse per message: sent only while two filters overlap.
+        self._numbered = settings.mqtt.protocol == 5 and self.router.overlapping()
         self.link.subscribe(self.router.broker_filters(numbered=self._numbered), numbered=self._numbered)
         self.started_at = time.time()
         self.exit_code = 0
@@ -399,15 +399,20 @@ class Supervisor:
         if self.router.routes_to(slot.name, topic_filter):
             return
         new = self.router.number(topic_filter) is None
-        covered = not self._numbered and any(
-            covers(f, topic_filter) for f, _, _ in self.router.broker_filters(numbered=False)
-        )
+        known = [f for f, _, _ in self.router.broker_filters(numbered=True)]
+        v5 = self.settings.mqtt.protocol == 5
+        covered = not v5 and any(covers(f, topic_filter) for f, _, _ in self.router.broker_filters(numbered=False))
+        overlapping = v5 and not self._numbered and any(overlap(f, topic_filter) for f in known if f != topic_filter)
         self.router.add(slot.name, [topic_filter], qos)
-        number = self.router.number(topic_filter)
-        assert number is not None
-        if new and not covered:
-            self.link.add_subscription(topic_filter, qos, number)
         log.info("worker %s subscribed to %s", slot.name, topic_filter)
+        if overlapping:  # from now on the broker must say which filter each copy of a message is for
+            self._numbered = True
+            self.link.subscribe(self.router.broker_filters(numbered=True), numbered=True)
+            self.link.subscribe_again()
+        elif new and not covered:
+            number = self.router.number(topic_filter)
+            assert number is not None
+            self.link.add_subscription(topic_filter, qos, number)
 
     # Home Assistant entities --------------------------------------------------------------------------------------
 

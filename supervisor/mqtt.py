@@ -198,6 +198,11 @@ class MqttLink:
         self._subscriptions = list(filters)
         self._numbered = numbered
 
+    def subscribe_again(self) -> None:
+        """Send every subscription again now (if connected): after `subscribe` changed them while connected."""
+        if self.connected:
+            self._send_subscriptions(self._subscriptions)
+
     def add_subscription(self, topic_filter: str, qos: int, identifier: int) -> None:
         """Subscribe to one more filter, now if connected, and on every connect from now on."""
         self._subscriptions.append((topic_filter, qos, identifier))

@@ -396,3 +396,23 @@ def test_blocking_work_on_a_thread_leaves_the_worker_free_and_its_failure_is_cou
     assert len(started_pids(mqtt, f"{prefix}/out/echo")) == 1  # never killed for silence
     mqtt.publish(f"{prefix}/in/x", "thread_raise")
     process.wait_log("error (handler): RuntimeError: asked to raise on a thread (thread result)")
+
+
+def test_a_subscription_made_while_running_takes_effect_and_delivers_once(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    workers = {"echo": echo(prefix), "other": echo(prefix, "other", topics=[f"{prefix}/other/#"])}
+    start(supervisors, mqtt, workers)
+    mqtt.publish(f"{prefix}/other/x", f"subscribe:{prefix}/in/x")  # overlaps echo's {prefix}/in/#
+    wait_echo(mqtt, f"{prefix}/out/other", f"subscribe:{prefix}/in/x")
+
+    def other_takes_a_probe() -> bool:
+        mqtt.publish(f"{prefix}/in/x", "probe")
+        return bool(echoes(mqtt, f"{prefix}/out/other", "probe"))
+
+    wait_until(other_takes_a_probe, 10, "the new subscription to take effect")
+    for payload in ("hello", "after"):
+        mqtt.publish(f"{prefix}/in/x", payload)
+    for out in (f"{prefix}/out/echo", f"{prefix}/out/other"):
+        wait_echo(mqtt, out, "after")  # a duplicate of "hello" would have come before it
+        assert len(echoes(mqtt, out, "hello")) == 1, out

@@ -10,6 +10,7 @@ on `<out>/echo`, unless the payload is a command:
   while no message is in hand);
 - `thread:<seconds>` sleeps on a background thread (`ctx.run_in_thread`), then publishes `slept <seconds>` on
   `<out>/thread`; `thread_raise` raises there instead (the worker then reports it as a `handler` error);
+- `subscribe:<filter>` subscribes to one more filter (`ctx.subscribe`) and replies;
 - `forward:<topic>` publishes to `<topic>`; `env:<NAME>` publishes the environment variable NAME (or `<unset>`)
   on `<out>/env`.
 Touches nothing outside.
@@ -86,6 +87,8 @@ class Echo(Worker[EchoConfig]):
             seconds = float(text.removeprefix("thread:")) if text != "thread_raise" else 0.0
             ctx.run_in_thread(lambda: _sleep_or_raise(seconds, text), lambda done: self._slept(ctx, done.result()))
             return
+        if text.startswith("subscribe:"):
+            ctx.subscribe(text.removeprefix("subscribe:"), qos=1)
         if text.startswith("env:"):
             ctx.publish(f"{self.config.out}/env", os.environ.get(text.removeprefix("env:"), "<unset>"), qos=1)
             return
