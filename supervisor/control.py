@@ -51,7 +51,9 @@ class ControlAPI:
 
     @property
     def filters(self) -> list[str]:
-        return [f"{self.base}/request/+", f"{self.base}/cmd/+/restart"]
+        """What the supervisor subscribes to for itself. Restart presses arrive through each worker's own command
+        filter (`<base>/cmd/<worker>/+`): one more filter here would overlap them all."""
+        return [f"{self.base}/request/+"]
 
     def handle(self, message: Message) -> None:
         levels = message.topic[len(self.base) + 1 :].split("/")

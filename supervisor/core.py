@@ -581,6 +581,10 @@ class Supervisor:
         if self._stopping:
             return  # not acknowledged: the broker sends it again after the restart
         receivers = self._receivers(message)
+        pressed = self._restart_pressed(message.topic)
+        if pressed in receivers:  # a restart press comes through the worker's command filter; it is ours
+            receivers.remove(pressed)
+            receivers.append(control.NAME)
         if control.NAME in receivers:
             receivers.remove(control.NAME)
             self._supervisor_message(message)
@@ -600,6 +604,13 @@ class Supervisor:
         )
         for name in receivers:
             self._offer(name, routed)
+
+    def _restart_pressed(self, topic: str) -> str | None:
+        """The worker whose restart button `topic` is, if it is one."""
+        prefix = f"{self.site.base_topic}/cmd/"
+        if topic.startswith(prefix) and topic.endswith("/restart"):
+            return topic[len(prefix) : -len("/restart")]
+        return None
 
     def _supervisor_message(self, message: Incoming) -> None:
         """A message for the supervisor itself: a control request or a restart button press."""
