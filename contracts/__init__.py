@@ -1,7 +1,9 @@
 """Data and interfaces shared by the supervisor and the workers.
 
 Nothing here runs anything: `envelopes` holds the Structs that cross the pipe between the supervisor and a worker
-process, `worker` holds the `Worker` base class, the `Context` protocol a worker talks to, and `Subscription`.
+process, `worker` holds the `Worker` base class, the `Context` protocol a worker talks to, and `Subscription`;
+`homeassistant` the typed entity declarations, `status` the status document, `ai` the ai_analyzer's requests and
+replies, `topics` MQTT topic-filter matching, `state` atomic writes of a worker's state files.
 Workers import only this package.
 """
 

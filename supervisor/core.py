@@ -107,6 +107,7 @@ class Supervisor:
         self.router = Router()
         self.link = MqttLink(settings.mqtt, settings.password, self.loop, self)
         self.site = site_of(settings)
+        self._commands_prefix = f"{self.site.base_topic}/cmd/"
         self.slots = {w.name: WorkerSlot(w, RestartTracker(w.supervision)) for w in settings.workers}
         for slot in self.slots.values():
             for subscription in worker_subscriptions(slot.settings, self.site):
@@ -417,15 +418,7 @@ class Supervisor:
     # Home Assistant entities --------------------------------------------------------------------------------------
 
     def _own_entities(self) -> list[DeclaredEntity]:
-        settings = self.settings
-        entities = supervisor_entities(
-            settings.supervisor.base_topic,
-            settings.mqtt.availability_topic,
-            settings.mqtt.client_id,
-            self.version,
-            self.slots,
-        )
-        return [declared(entity) for entity in entities]
+        return [declared(entity) for entity in supervisor_entities(self.site, self.slots)]
 
     def _send_bundle(self, republish: bool = False) -> None:
         """Send every declared entity to the local subscribers of the entities topic, at the end of this wake-up."""
@@ -607,7 +600,7 @@ class Supervisor:
 
     def _restart_pressed(self, topic: str) -> str | None:
         """The worker whose restart button `topic` is, if it is one."""
-        prefix = f"{self.site.base_topic}/cmd/"
+        prefix = self._commands_prefix
         if topic.startswith(prefix) and topic.endswith("/restart"):
             return topic[len(prefix) : -len("/restart")]
         return None

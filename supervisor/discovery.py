@@ -12,6 +12,7 @@ import re
 import socket
 from collections.abc import Iterable
 
+from contracts import Site
 from contracts.homeassistant import (
     Availability,
     BinarySensor,
@@ -27,10 +28,8 @@ def node_id(client_id: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", client_id)
 
 
-def supervisor_entities(
-    base: str, availability_topic: str, client_id: str, version: str, workers: Iterable[str]
-) -> list[Entity]:
-    node = node_id(client_id)
+def supervisor_entities(site: Site, workers: Iterable[str]) -> list[Entity]:
+    node, base, version = site.node_id, site.base_topic, site.sw_version
     device = Device(
         identifiers=[node],
         name=f"MQTT home supervisor ({socket.gethostname()})",
@@ -39,7 +38,7 @@ def supervisor_entities(
         sw_version=version,
     )
     origin = Origin(name="mqtt-home-supervisor", sw_version=version)
-    available = [Availability(topic=availability_topic)]
+    available = [Availability(topic=site.availability_topic)]
     status = f"{base}/status"
     entities: list[Entity] = [
         Sensor(
@@ -95,7 +94,7 @@ def supervisor_entities(
                 object_id=f"{node}_{worker}_restart",
                 unique_id=f"{node}_{worker}_restart",
                 name=f"{worker} restart",
-                command_topic=f"{base}/cmd/{worker}/restart",
+                command_topic=site.command_topic(worker, "restart"),
                 device_class="restart",
                 entity_category="config",
                 device=device,

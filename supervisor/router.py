@@ -1,8 +1,7 @@
 """The router: which workers a topic goes to, by MQTT topic-filter matching.
 
-Filters follow MQTT: `+` matches one level, `#` (last) matches any number of levels including none, and topics
-starting with `$` are not matched by a filter that starts with a wildcard. A shared subscription
-`$share/<group>/<filter>` matches as `<filter>`. Results are cached per topic; the cache is bounded.
+Filters follow MQTT (`contracts.topics` holds the matching itself). Results are cached per topic; the cache is
+bounded.
 
 A broker sends one copy of a message for every subscription of ours it matches. Each filter therefore has a number
 (sent as the MQTT 5 subscription identifier), and each route names the one filter through which its worker takes a
@@ -14,6 +13,12 @@ another filter covers.
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+from contracts.topics import filter_levels as _levels
+from contracts.topics import match_levels as _match
+from contracts.topics import matches
+
+__all__ = ["InvalidTopicFilter", "Router", "check_filter", "covers", "matches", "overlap"]
 
 _CACHE_LIMIT = 4096
 
@@ -36,11 +41,6 @@ def check_filter(topic_filter: str) -> None:
             raise InvalidTopicFilter(topic_filter, f"a wildcard must fill its whole level, not {level!r}")
         if level == "#" and index != len(levels) - 1:
             raise InvalidTopicFilter(topic_filter, "'#' must be the last level")
-
-
-def matches(topic_filter: str, topic: str) -> bool:
-    """True when `topic` matches `topic_filter`."""
-    return _match(_levels(topic_filter), topic.split("/"))
 
 
 def covers(wide: str, narrow: str) -> bool:
@@ -73,23 +73,6 @@ def overlap(first: str, second: str) -> bool:
         if "+" not in (p, q) and p != q:
             return False
     return True
-
-
-def _levels(topic_filter: str) -> list[str]:
-    if topic_filter.startswith("$share/"):
-        topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
-    return topic_filter.split("/")
-
-
-def _match(levels: list[str], topic: list[str]) -> bool:
-    if topic[0].startswith("$") and levels[0] in ("+", "#"):
-        return False
-    for index, level in enumerate(levels):
-        if level == "#":
-            return True
-        if index >= len(topic) or (level != "+" and level != topic[index]):
-            return False
-    return len(levels) == len(topic)
 
 
 class Router:

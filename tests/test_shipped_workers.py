@@ -3,13 +3,13 @@ with every entity they declare checked against what Home Assistant's MQTT discov
 
 from __future__ import annotations
 
-import json
 import signal
 from typing import Any
 
 import pytest
 from conftest import SupervisorFactory
 from support import MqttProbe, wait_until
+from test_worker_ha_responder import configs
 
 from supervisor.registry import discover
 
@@ -114,14 +114,6 @@ PLATFORMS = {
     "button": ({"command_topic"}, COMMON | {"command_topic", "device_class", "payload_press"}),
 }
 STATE_CLASSES = {"measurement", "total", "total_increasing"}
-
-
-def configs(mqtt: MqttProbe, prefix: str) -> dict[str, dict[str, Any]]:
-    latest: dict[str, bytes] = {}
-    for message in mqtt.messages:
-        if message.topic.startswith(f"{prefix}/ha/") and message.topic.endswith("/config"):
-            latest[message.topic] = message.payload
-    return {topic: json.loads(payload) for topic, payload in latest.items() if payload}
 
 
 def check_entity(topic: str, config: dict[str, Any]) -> None:

@@ -108,7 +108,7 @@ class WebServer:
                     server._at_once += 1
                     server.most_at_once = max(server.most_at_once, server._at_once)
                 try:
-                    request.status = server.answer(self, self.server_route())
+                    server.answer(self, self.server_route(), request)
                 finally:
                     with server._lock:
                         server._at_once -= 1
@@ -125,7 +125,7 @@ class WebServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
-    def answer(self, handler: BaseHTTPRequestHandler, route: Route) -> int:
+    def answer(self, handler: BaseHTTPRequestHandler, route: Route, request: Request) -> None:
         if route.gate is not None and not route.gate.wait(15):
             raise AssertionError("the test never opened the gate")
         time.sleep(route.delay)
@@ -136,6 +136,7 @@ class WebServer:
             status, body = route.status, route.body
         if route.gzip:
             body = gzip.compress(body)
+        request.status = status  # before the answer leaves: the client may look as soon as it has it
         try:
             handler.send_response(status)
             for name, value in validators.items():
@@ -149,7 +150,6 @@ class WebServer:
             handler.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout under test)
             pass
-        return status
 
     def stop(self) -> None:
         self.httpd.shutdown()

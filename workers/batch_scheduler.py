@@ -37,6 +37,7 @@ import msgspec
 from contracts import Command, Context, Message, Subscription, Timer, Trigger, Worker
 from contracts.ai import AiReply, AiRequest, request_topic
 from contracts.homeassistant import Button, Entity, Sensor
+from contracts.state import write_atomically
 from workers._cron import Cron, CronSchedule, IntervalSchedule, Schedule, missed_run
 from workers._history import Recorder, delete_before, read_changes
 from workers._patterns import AnalysisSettings, Suggestion, analysis_window, find_patterns, suggest
@@ -438,10 +439,8 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
             return {}
 
     def _save_states(self, ctx: Context) -> None:
-        temporary = self.state_path.with_suffix(".tmp")
         try:
-            temporary.write_bytes(msgspec.json.encode({name: job.state for name, job in self.jobs.items()}))
-            os.replace(temporary, self.state_path)
+            write_atomically(self.state_path, msgspec.json.encode({name: job.state for name, job in self.jobs.items()}))
         except OSError as exc:  # the jobs go on; a restart may catch up a run again
             ctx.report_error("state", f"cannot write {self.state_path}: {exc}")
 

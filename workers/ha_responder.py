@@ -24,6 +24,8 @@ import msgspec
 
 from contracts import Command, Context, Message, Subscription, Timer, Worker
 from contracts.homeassistant import DiscoveryBundle, Sensor
+from contracts.state import write_atomically
+from contracts.topics import matches
 
 _ABBREVIATIONS = {  # the discovery keys this worker reads, by their abbreviated names
     "stat_t": "state_topic",
@@ -185,7 +187,7 @@ class HaResponder(Worker[HaResponderConfig]):
             self._home_assistant_announced(ctx, message.payload)
         elif topic.startswith(f"{self._topic('request')}/"):
             self._request(ctx, topic.rsplit("/", 1)[1], message)
-        elif _matches(self.config.feedback_topic, topic):
+        elif matches(self.config.feedback_topic, topic):
             self._feedback(ctx, message)
         elif topic.startswith(f"{site.discovery_prefix}/") and topic.endswith("/config"):
             self._discovered(ctx, topic, message.payload)
@@ -373,16 +375,6 @@ def _expand(topic: str, base: object) -> str:
     return topic
 
 
-def _matches(topic_filter: str, topic: str) -> bool:
-    levels, parts = topic_filter.split("/"), topic.split("/")
-    for index, level in enumerate(levels):
-        if level == "#":
-            return True
-        if index >= len(parts) or level not in ("+", parts[index]):
-            return False
-    return len(levels) == len(parts)
-
-
 def _load_cache(path: Path, ctx: Context) -> dict[str, dict[str, str]]:
     try:
         return msgspec.json.decode(path.read_bytes(), type=dict[str, dict[str, str]])
@@ -394,6 +386,4 @@ def _load_cache(path: Path, ctx: Context) -> dict[str, dict[str, str]]:
 
 
 def _save_cache(path: Path, published: dict[str, dict[str, str]]) -> None:
-    partial = path.with_suffix(".tmp")
-    partial.write_bytes(msgspec.json.encode(published))
-    partial.replace(path)
+    write_atomically(path, msgspec.json.encode(published))

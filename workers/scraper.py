@@ -21,7 +21,6 @@ asked during a run makes one more run right after it). A source that fails is co
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import threading
 import uuid
@@ -37,6 +36,7 @@ import msgspec
 from contracts import Command, Context, Message, Timer, Trigger, Worker
 from contracts.ai import AiReply, AiRequest, request_topic
 from contracts.homeassistant import Button, Entity, Sensor
+from contracts.state import write_atomically
 from workers._scraping import Http, Item, Outcome, Source, Validators, scrape
 
 MIN_INTERVAL_SECONDS = 60
@@ -400,9 +400,7 @@ def load_state(path: Path, ctx: Context) -> SavedState:
 
 def save_state(path: Path, state: SavedState) -> None:
     """Write `state` to `path` atomically (a new file renamed over the old one)."""
-    temporary = path.with_suffix(".tmp")
-    temporary.write_bytes(_encoder.encode(state))
-    os.replace(temporary, path)
+    write_atomically(path, _encoder.encode(state))
 
 
 def _iso(timestamp: float, zone: ZoneInfo) -> str:

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,27 +96,31 @@ def _ready(log_text: str, workers: int) -> bool:
     return "subscribed to" in log_text and log_text.count(" running (pid ") >= workers
 
 
+Processes = AbstractContextManager[list[subprocess.Popen[str]]]
+
+
 @contextmanager
-def baselines(broker: Broker, topics: list[tuple[str, str]], qos: int) -> Iterator[list[subprocess.Popen[str]]]:
-    """One baseline process (the relay worker on its own paho client) per (in topic, out prefix), each subscribed
-    before the body runs."""
-    script = str(Path(__file__).with_name("baseline_echo.py"))
-    processes = [
-        subprocess.Popen(
-            [sys.executable, script, str(broker.port), in_topic, out_topic, str(qos)], stdout=subprocess.PIPE, text=True
-        )
-        for in_topic, out_topic in topics
-    ]
+def ready_processes(commands: list[list[str]]) -> Iterator[list[subprocess.Popen[str]]]:
+    """Baseline processes, each of which prints "ready" once subscribed; all ready before the body runs."""
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for command in commands]
     try:
-        for process in processes:
+        for process, command in zip(processes, commands, strict=True):
             assert process.stdout is not None
             if process.stdout.readline().strip() != "ready":
-                raise RuntimeError("a baseline echo client did not start")
+                raise RuntimeError(f"a baseline process did not start: {command[1:3]}")
         yield processes
     finally:
         for process in processes:
             process.terminate()
             process.wait(10)
+
+
+def baselines(broker: Broker, topics: list[tuple[str, str]], qos: int) -> Processes:
+    """One baseline process (the relay worker on its own paho client) per (in topic, out prefix)."""
+    script = str(Path(__file__).with_name("baseline_echo.py"))
+    return ready_processes(
+        [[sys.executable, script, str(broker.port), in_topic, out_topic, str(qos)] for in_topic, out_topic in topics]
+    )
 
 
 def relays(count: int, topics: Callable[[int], list[str]], qos: int) -> dict[str, dict[str, Any]]:
@@ -291,28 +295,15 @@ SHIPPED: dict[str, dict[str, Any]] = {
 }
 
 
-@contextmanager
-def services(broker: Broker) -> Iterator[list[subprocess.Popen[str]]]:
+def services(broker: Broker) -> Processes:
     """The shipped workers run the way the supervisor replaces: one process each, with its own paho connection."""
     script = str(Path(__file__).with_name("baseline_service.py"))
-    processes = [
-        subprocess.Popen(
-            [sys.executable, script, str(broker.port), f"workers.{name}", json.dumps(table)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for name, table in SHIPPED.items()
-    ]
-    try:
-        for process in processes:
-            assert process.stdout is not None
-            if process.stdout.readline().strip() != "ready":
-                raise RuntimeError("a baseline service did not start")
-        yield processes
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(10)
+    return ready_processes(
+        [
+            [sys.executable, script, str(broker.port), f"workers.{name}", json.dumps(table)]
+            for name, table in SHIPPED.items()
+        ]
+    )
 
 
 def measure_memory(broker: Broker, workdir: Path) -> dict[str, Any]:
