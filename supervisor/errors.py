@@ -32,3 +32,14 @@ class WrongPackageError(SupervisorError):
             "PyPI's `supervisor` package (supervisord) uses the same name: run this from its own virtual "
             "environment (`make run` creates one) or `pip uninstall supervisor` there"
         )
+
+
+class OutboxInUseError(SupervisorError):
+    """Raised when another process holds the outbox: two supervisors were given one state directory."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(
+            f"the outbox {path} is in use by another process (a second supervisor with the same state_dir?); "
+            "give each supervisor its own [supervisor] state_dir"
+        )

@@ -2,7 +2,14 @@
 
 A row is added (and committed at the end of the wake-up, before its bytes leave for the broker) when a worker
 publishes, and removed once the broker has confirmed it and every local subscriber has handled it. Rows left by a
-supervisor that died are replayed at start-up: at least once, never lost. SQLite in WAL mode, standard library.
+supervisor that died are replayed at start-up: at least once, never lost. SQLite in WAL mode, standard library,
+opened with an exclusive lock: one transaction costs no file-lock calls, and a second supervisor given the same
+state directory is refused instead of sharing the file.
+
+Removals are not urgent (a removal lost in a crash means one more delivery, never a lost one), so they are written
+together once the oldest has waited `REMOVALS_WAIT_SECONDS`: when messages come one at a time, each costs one
+SQLite statement (its INSERT) instead of two transactions. After a crash of the supervisor, what was confirmed in its
+last second is delivered once more.
 
 Durability (`[supervisor] outbox_sync`): `OFF` hands every commit to the operating system, which survives any crash
 of the supervisor and costs no fsync; a power cut may lose the outbox, and an outbox found corrupt at start-up is
@@ -17,11 +24,15 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from contracts import Publish
+from supervisor.errors import OutboxInUseError
 
 log = logging.getLogger("supervisor")
+
+REMOVALS_WAIT_SECONDS = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS publications (
@@ -38,55 +49,50 @@ CREATE TABLE IF NOT EXISTS publications (
 
 
 class Outbox:
-    """Durable publications, written in one transaction per wake-up."""
+    """Durable publications: the rows added during a wake-up are written together by `commit`."""
 
-    def __init__(self, path: Path, synchronous: str = "OFF") -> None:
+    def __init__(self, path: Path, synchronous: str = "OFF", clock: Callable[[], float] = time.monotonic) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
         try:
-            self._db, self.backlog = _open(path, synchronous)
+            self._db, self.backlog, self._next_row = _open(path, synchronous)
+        except OutboxInUseError:
+            raise
         except sqlite3.DatabaseError as exc:
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             log.error("the outbox %s is unreadable (%s); moved to %s, starting with an empty one", path, exc, aside)
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
-            self._db, self.backlog = _open(path, synchronous)
-        self._in_transaction = False
+            self._db, self.backlog, self._next_row = _open(path, synchronous)
+        self._additions: list[tuple[int, str, str, bytes, int, bool, int | None, bool]] = []
         self._removals: list[tuple[int]] = []
+        self._removals_since = 0.0  # when the oldest removal not yet written was asked for
 
     def add(self, worker: str, publication: Publish) -> int:
-        """Store `publication` (durable at the next `commit`); returns its row id."""
-        self._begin()
-        cursor = self._db.execute(
-            "INSERT INTO publications (worker, topic, payload, qos, retain, expiry, local_only) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                worker,
-                publication.topic,
-                publication.payload,
-                publication.qos,
-                publication.retain,
-                publication.expiry,
-                publication.local_only,
-            ),
-        )
+        """Store `publication` (durable once `commit` returns); returns its row id."""
+        row = self._next_row
+        self._next_row += 1
+        p = publication
+        self._additions.append((row, worker, p.topic, p.payload, p.qos, p.retain, p.expiry, p.local_only))
         self.backlog += 1
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        return row
 
     def remove(self, row: int) -> None:
-        """Forget row `row` at the next `commit`: everyone it was for has it."""
+        """Forget row `row`: everyone it was for has it. Written by a later `commit` (see the module docstring)."""
+        if not self._removals:
+            self._removals_since = self._clock()
         self._removals.append((row,))
+        self.backlog -= 1
 
     def commit(self) -> None:
-        if self._removals:
-            self._begin()
-            self._db.executemany("DELETE FROM publications WHERE id = ?", self._removals)
-            self.backlog -= len(self._removals)
-            self._removals.clear()
-        if self._in_transaction:
-            self._db.execute("COMMIT")
-            self._in_transaction = False
+        """Write every row added so far, and the removals once they are due: one statement for a single row."""
+        removals_due = bool(self._removals) and self._clock() - self._removals_since >= REMOVALS_WAIT_SECONDS
+        if len(self._additions) == 1 and not removals_due:
+            self._db.execute(_INSERT, self._additions[0])  # a transaction of its own (autocommit)
+            self._additions.clear()
+        elif self._additions or removals_due:
+            self._write(removals=removals_due)
 
     def pending(self) -> list[tuple[int, str, Publish]]:
         """Every stored publication, oldest first: what a previous run left undelivered."""
@@ -110,23 +116,40 @@ class Outbox:
         ]
 
     def close(self) -> None:
-        self.commit()
+        self._write(removals=True)
         self._db.close()
 
-    def _begin(self) -> None:
-        if not self._in_transaction:
-            self._db.execute("BEGIN")
-            self._in_transaction = True
+    def _write(self, *, removals: bool) -> None:
+        self._db.execute("BEGIN")
+        self._db.executemany(_INSERT, self._additions)
+        self._additions.clear()
+        if removals:
+            self._db.executemany("DELETE FROM publications WHERE id = ?", self._removals)
+            self._removals.clear()
+        self._db.execute("COMMIT")
 
 
-def _open(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int]:
-    db = sqlite3.connect(path, isolation_level=None)
+_INSERT = (
+    "INSERT INTO publications (id, worker, topic, payload, qos, retain, expiry, local_only) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _open(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int, int]:
+    """The connection, how many rows it holds, and the id for the next row."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=0)
     try:
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")  # held from the first read below until the connection closes
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.execute(_SCHEMA)
-        (count,) = db.execute("SELECT count(*) FROM publications").fetchone()
+        count, last = db.execute("SELECT count(*), coalesce(max(id), 0) FROM publications").fetchone()
+    except sqlite3.OperationalError as exc:
+        db.close()
+        if "locked" in str(exc):
+            raise OutboxInUseError(str(path)) from None
+        raise
     except sqlite3.DatabaseError:
         db.close()
         raise
-    return db, count
+    return db, count, last + 1

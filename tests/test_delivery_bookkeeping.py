@@ -5,12 +5,14 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 from testworkers.echo import Echo, EchoConfig
 
 from contracts import Message, Publish
 from supervisor.config import WorkerSettings, WorkerSupervision
 from supervisor.delivery import Deliveries
-from supervisor.outbox import Outbox
+from supervisor.errors import OutboxInUseError
+from supervisor.outbox import REMOVALS_WAIT_SECONDS, Outbox
 from supervisor.slot import Offer, WorkerSlot, WorkerState
 from supervisor.supervision import RestartTracker
 
@@ -159,3 +161,52 @@ def test_the_outbox_keeps_publications_until_removed(tmp_path: Path) -> None:
     again = Outbox(tmp_path / "o.sqlite3")
     assert again.pending() == [(kept, "w", Publish(topic="a", payload=b"1", qos=1, retain=True, expiry=60))]
     assert again.backlog == 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_outbox_removals_are_written_once_the_oldest_has_waited(tmp_path: Path) -> None:
+    clock = FakeClock()
+    outbox = Outbox(tmp_path / "o.sqlite3", clock=clock)
+    first = outbox.add("w", Publish(topic="a", payload=b"1", qos=1))
+    second = outbox.add("w", Publish(topic="b", payload=b"2", qos=1))
+    outbox.commit()
+    outbox.remove(first)
+    assert outbox.backlog == 1  # counted at once, whenever it is written
+    clock.now = REMOVALS_WAIT_SECONDS / 2
+    third = outbox.add("w", Publish(topic="c", payload=b"3", qos=1))
+    outbox.commit()
+    assert [row for row, _, _ in outbox.pending()] == [first, second, third]  # not written yet
+    clock.now = REMOVALS_WAIT_SECONDS
+    outbox.commit()
+    assert [row for row, _, _ in outbox.pending()] == [second, third]
+
+
+def test_outbox_close_writes_every_removal_and_new_rows_never_reuse_a_stored_id(tmp_path: Path) -> None:
+    first = Outbox(tmp_path / "o.sqlite3", clock=FakeClock())
+    rows = [first.add("w", Publish(topic=t, payload=b"", qos=1)) for t in ("a", "b", "c")]
+    first.commit()
+    first.remove(rows[0])
+    first.remove(rows[2])
+    first.close()
+    again = Outbox(tmp_path / "o.sqlite3")
+    assert [row for row, _, _ in again.pending()] == [rows[1]]
+    assert again.add("w", Publish(topic="d", payload=b"", qos=1)) > rows[1]  # never an id still stored
+
+
+def test_a_second_outbox_on_the_same_file_is_refused_and_the_file_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    first = Outbox(path)
+    row = first.add("w", Publish(topic="a", payload=b"1", qos=1))
+    first.commit()
+    with pytest.raises(OutboxInUseError, match=r"^the outbox .*outbox\.sqlite3 is in use by another process"):
+        Outbox(path)
+    assert [r for r, _, _ in first.pending()] == [row]
+    assert not list(tmp_path.glob("*.corrupt-*"))
+    first.close()
