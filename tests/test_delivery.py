@@ -136,6 +136,30 @@ def test_publications_made_while_the_broker_is_down_all_arrive(
             again.close()
 
 
+def test_a_publication_the_broker_refuses_is_reported_and_leaves_the_outbox(
+    tmp_path: Path, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    (tmp_path / "broker").mkdir()
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite #\ntopic deny {prefix}/denied/#\n")
+    with (
+        Broker.serving(tmp_path / "broker", f"allow_anonymous true\nacl_file {acl}\n") as broker,
+        supervisors_on(broker, tmp_path, prefix, request) as factory,
+    ):
+        probe = MqttProbe(broker.port)
+        try:
+            process = start(factory, probe, {"echo": echo(prefix, qos=1)})
+            probe.publish(f"{prefix}/in/a", f"forward:{prefix}/denied/x")
+            process.wait_log("the broker refused publication")  # a PUBACK with a reason code goes through paho
+            probe.publish(f"{prefix}/in/b", "after")  # confirmed by a plain PUBACK, the link's own fast path
+            wait_echo(probe, f"{prefix}/out/echo", "after")
+            log = process.log()
+            assert log.count("the broker refused publication") == 1  # dropped from the outbox, never sent again
+            assert "Not authorized" in log
+        finally:
+            probe.close()
+
+
 # Bad input ----------------------------------------------------------------------------------------------------------
 
 

@@ -73,6 +73,9 @@ def test_worker_receives_what_it_subscribed_to_and_its_publications_reach_the_br
         "worker": "echo",
         "topic": f"{prefix}/in/a/b",
         "payload": "hello",
+        "qos": 1,
+        "retain": False,
+        "response_topic": None,
         "attempt": 1,
         "pid": started_pids(mqtt, f"{prefix}/out/echo")[0],
     }
@@ -99,6 +102,29 @@ def test_wildcards_route_each_message_to_every_matching_worker(
     wait_echo(mqtt, f"{prefix}/out/all", "light")
     assert [r["payload"] for r in echoes(mqtt, f"{prefix}/out/all")] == ["door", "light"]
     assert [r["payload"] for r in echoes(mqtt, f"{prefix}/out/lights")] == ["light"]  # door would have come first
+
+
+@pytest.mark.parametrize("protocol", [5, 311])
+def test_messages_reach_the_worker_intact_whatever_their_qos_retain_flag_and_properties(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, protocol: int
+) -> None:
+    # Plain QoS 0 and 1 messages take the link's own fast path; QoS 2 and messages with properties go through paho.
+    mqtt.publish(f"{prefix}/in/kept", "kept \xe9", qos=1, retain=True)  # delivered with the retain flag on subscribe
+    start(supervisors, mqtt, {"echo": echo(prefix, qos=2)}, {"mqtt": {"protocol": protocol}})
+    expected = {"kept \xe9": (f"{prefix}/in/kept", 1, True, None)}
+    for qos in (0, 1, 2):
+        mqtt.publish(f"{prefix}/in/q{qos}", f"qos {qos}", qos=qos)
+        expected[f"qos {qos}"] = (f"{prefix}/in/q{qos}", qos, False, None)
+    mqtt.publish(f"{prefix}/in/asks", "with properties", qos=1, response_topic=f"{prefix}/answers")
+    expected["with properties"] = (f"{prefix}/in/asks", 1, False, f"{prefix}/answers" if protocol == 5 else None)
+    for payload, (topic, qos, retain, response_topic) in expected.items():
+        reply = wait_echo(mqtt, f"{prefix}/out/echo", payload)
+        assert (reply["topic"], reply["qos"], reply["retain"], reply["response_topic"]) == (
+            topic,
+            qos,
+            retain,
+            response_topic,
+        ), payload
 
 
 @pytest.mark.parametrize("protocol", [5, 311])

@@ -104,6 +104,9 @@ class Echo(Worker[EchoConfig]):
             "worker": ctx.name,
             "topic": message.topic,
             "payload": text,
+            "qos": message.qos,
+            "retain": message.retain,
+            "response_topic": message.response_topic,
             "attempt": message.attempt,
             "pid": os.getpid(),
         }
