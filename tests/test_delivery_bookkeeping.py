@@ -12,7 +12,7 @@ from contracts import Message, Publish
 from supervisor.config import WorkerSettings, WorkerSupervision
 from supervisor.delivery import Deliveries
 from supervisor.errors import OutboxInUseError
-from supervisor.outbox import REMOVALS_WAIT_SECONDS, Outbox
+from supervisor.outbox import REMOVALS_BATCH, REMOVALS_WAIT_SECONDS, Outbox
 from supervisor.slot import Offer, WorkerSlot, WorkerState
 from supervisor.supervision import RestartTracker
 
@@ -186,6 +186,19 @@ def test_outbox_removals_are_written_once_the_oldest_has_waited(tmp_path: Path) 
     clock.now = REMOVALS_WAIT_SECONDS
     outbox.commit()
     assert [row for row, _, _ in outbox.pending()] == [second, third]
+
+
+def test_outbox_removals_are_written_as_soon_as_a_batch_is_full(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "o.sqlite3", clock=FakeClock())
+    rows = [outbox.add("w", Publish(topic="t", payload=b"", qos=1)) for _ in range(REMOVALS_BATCH + 1)]
+    outbox.commit()
+    for row in rows[:-2]:
+        outbox.remove(row)
+    outbox.commit()
+    assert len(outbox.pending()) == len(rows)  # one short of a batch, and no time has passed
+    outbox.remove(rows[-2])
+    outbox.commit()
+    assert [row for row, _, _ in outbox.pending()] == rows[-1:]
 
 
 def test_outbox_close_writes_every_removal_and_new_rows_never_reuse_a_stored_id(tmp_path: Path) -> None:
