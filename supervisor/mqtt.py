@@ -117,11 +117,12 @@ class _BufferedClient(paho.Client):
         handler = self.on_plain_publish
         command, packet = self._in_packet["command"], self._in_packet["packet"]
         qos = (command & 0x06) >> 1
+        v5 = self._protocol == paho.MQTTv5
         topic_end = 2 + int.from_bytes(packet[:2], "big")
-        payload_start = topic_end + (2 if qos else 0) + (1 if self._protocol == paho.MQTTv5 else 0)
+        payload_start = topic_end + (2 if qos else 0) + (1 if v5 else 0)
         if handler is None or qos == 2 or topic_end == 2 or len(packet) < payload_start:
             return super()._handle_publish()
-        if self._protocol == paho.MQTTv5 and packet[payload_start - 1] != 0:
+        if v5 and packet[payload_start - 1] != 0:
             return super()._handle_publish()  # it has properties
         try:
             topic = packet[2:topic_end].decode()
@@ -612,27 +613,29 @@ class MqttLink:
         self.listener.message_received(Incoming(topic=topic, payload=payload, qos=qos, retain=retain, mid=mid))
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        self.received += 1
+        """A PUBLISH that paho decoded: one with properties (MQTT 5), at QoS 2, or with a topic that is not UTF-8."""
         try:
             topic = msg.topic
         except UnicodeDecodeError:
+            self.received += 1
             self.listener.bad_message("topic is not valid UTF-8")
             return
         properties = msg.properties
-        if properties is None:
-            incoming = Incoming(topic=topic, payload=bytes(msg.payload), qos=msg.qos, retain=msg.retain, mid=msg.mid)
-        else:
-            correlation = getattr(properties, "CorrelationData", None)
-            incoming = Incoming(
-                topic=topic,
-                payload=bytes(msg.payload),
-                qos=msg.qos,
-                retain=msg.retain,
-                mid=msg.mid,
-                response_topic=getattr(properties, "ResponseTopic", None),
-                correlation_data=bytes(correlation) if correlation is not None else None,
-                subscription_ids=tuple(getattr(properties, "SubscriptionIdentifier", ())),
-            )
+        if properties is None:  # MQTT 3.1.1 at QoS 2
+            self._on_plain_publish(topic, bytes(msg.payload), msg.qos, msg.retain, msg.mid)
+            return
+        self.received += 1
+        correlation = getattr(properties, "CorrelationData", None)
+        incoming = Incoming(
+            topic=topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            retain=msg.retain,
+            mid=msg.mid,
+            response_topic=getattr(properties, "ResponseTopic", None),
+            correlation_data=bytes(correlation) if correlation is not None else None,
+            subscription_ids=tuple(getattr(properties, "SubscriptionIdentifier", ())),
+        )
         self.listener.message_received(incoming)
 
 

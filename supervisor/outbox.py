@@ -60,9 +60,7 @@ class Outbox:
         self._clock = clock
         try:
             self._db, self.backlog, self._next_row = _open(path, synchronous)
-        except OutboxInUseError:
-            raise
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.DatabaseError as exc:  # not OutboxInUseError: a file in use is left alone
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             log.error("the outbox %s is unreadable (%s); moved to %s, starting with an empty one", path, exc, aside)
             for suffix in ("", "-wal", "-shm"):
