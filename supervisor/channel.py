@@ -17,7 +17,9 @@ import msgspec
 from contracts.envelopes import Envelope
 
 _HEADER = struct.Struct("<I")
-_READ_SIZE = 256 * 1024
+# `recv(n)` allocates n bytes before it reads; above glibc's mmap threshold (128 KiB) that is an mmap and a munmap on
+# every call: 12 us per read here, 30 us with cold caches, where 64 KiB costs 1.3 us.
+_READ_SIZE = 64 * 1024
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 R = TypeVar("R")
