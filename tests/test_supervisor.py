@@ -127,6 +127,19 @@ def test_messages_reach_the_worker_intact_whatever_their_qos_retain_flag_and_pro
         ), payload
 
 
+def test_messages_larger_than_a_socket_read_arrive_intact_between_small_ones(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    # The link and the worker pipes read 64 KiB at a time: these cross several reads each way, packed back to back.
+    start(supervisors, mqtt, {"echo": echo(prefix, qos=1)})
+    payloads = ["".join(chr(0x41 + (i * 7 + n) % 26) for i in range(300_000 + n)) for n in range(2)]
+    sent = [payloads[0], "small", payloads[1], "after"]
+    for payload in sent:
+        mqtt.publish(f"{prefix}/in/big", payload, qos=1)
+    mqtt.wait_for(f"{prefix}/out/echo/echo", lambda m: m.json()["payload"] == "after", timeout=20)
+    assert [r["payload"] for r in echoes(mqtt, f"{prefix}/out/echo")] == sent
+
+
 @pytest.mark.parametrize("protocol", [5, 311])
 def test_worker_to_worker_publications_arrive_once_and_local_only_stays_local(
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, protocol: int
