@@ -438,13 +438,15 @@ class Supervisor:
         self.publisher.forget(row)
 
     def _end_of_wakeup(self) -> None:
-        """Make this wake-up's publications durable, then acknowledge, then write to workers and the broker."""
+        """Make this wake-up's publications durable, then acknowledge, then write to workers and the broker, then
+        do the outbox's housekeeping."""
         self._flush_bundle()
         self.publisher.commit()
         self.deliveries.release()
         self._write_to_workers()
         self.status.check_availability()
         self.link.flush()
+        self.publisher.tidy()
         if not self._ready:
             self._notify_ready_once()
 

@@ -122,6 +122,11 @@ class Publisher:
         assert self.outbox is not None
         self.outbox.commit()
 
+    def tidy(self) -> None:
+        """The outbox's housekeeping, which nothing waits for (after this wake-up's bytes have left)."""
+        assert self.outbox is not None
+        self.outbox.tidy()
+
     def close(self) -> None:
         if self.outbox is not None:
             self.outbox.close()

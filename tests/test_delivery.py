@@ -17,6 +17,8 @@ from conftest import SupervisorFactory, supervisors_on
 from support import Broker, MqttProbe, wait_until
 from test_supervisor import echo, start, started_pids, wait_echo
 
+from supervisor.outbox import REMOVALS_BATCH, Outbox
+
 
 def echoed_payloads(probe: MqttProbe, out: str) -> set[str]:
     return {m.json()["payload"] for m in probe.received(f"{out}/echo")}
@@ -79,6 +81,24 @@ def test_kill_9_of_the_supervisor_mid_stream_loses_nothing_after_a_restart(
     supervisors.start(workers)  # same client id and state directory: the session and the outbox carry over
     wait_until(lambda: echoed_payloads(mqtt, out) >= set(payloads), 60, "every message to be echoed after the restart")
     assert set(payloads) - echoed_payloads(mqtt, out) == set()
+
+
+def test_confirmed_publications_leave_the_outbox_while_the_supervisor_runs(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    # Removals are written after each wake-up's bytes have left (in batches); a kill -9 shows what was written.
+    first = start(supervisors, mqtt, {"echo": echo(prefix, qos=1)})
+    out = f"{prefix}/out/echo"
+    payloads = publish_numbered(mqtt, f"{prefix}/in/x", 2 * REMOVALS_BATCH + 50)
+    wait_until(lambda: echoed_payloads(mqtt, out) >= set(payloads), 30, "every message to be echoed")
+    first.signal(signal.SIGKILL)
+    first.wait()
+    outbox = Outbox(supervisors.tmp_path / "state" / "outbox.sqlite3")
+    try:
+        left = len(outbox.pending())
+    finally:
+        outbox.close()
+    assert left < len(payloads) - REMOVALS_BATCH  # at least the first batch is gone (confirmed long before the end)
 
 
 def test_worker_to_worker_publications_survive_a_supervisor_kill(
