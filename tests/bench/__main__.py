@@ -42,7 +42,7 @@ WINDOW = 500  # echoes outstanding from the load generator: a sustained rate, no
 PAYLOAD_BYTES = 150
 LATENCY_RATE = 1000
 LATENCY_MESSAGES = 500  # per turn: half a second
-LATENCY_TURNS = 24  # per system, alternating: 12,000 round trips each
+LATENCY_TURNS = 40  # per system, alternating: 20,000 round trips each (the tail needs many bursts of noise to average)
 FLOOD_MESSAGES = 50_000
 RUN_TIMEOUT = 60.0
 # The bench broker: queues deep enough that a QoS 0 loss is the system's, not the broker's default 1000 limit.
