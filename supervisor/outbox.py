@@ -38,7 +38,7 @@ log = logging.getLogger("supervisor")
 
 REMOVALS_WAIT_SECONDS = 1.0
 REMOVALS_BATCH = 100
-# Transactions between checkpoints: short ones without fsync; with fsync, SQLite's default of 1000 pages.
+# Transactions (of a page or more each) between checkpoints: short ones without fsync; with fsync, SQLite's default.
 _CHECKPOINT_EVERY = {"OFF": 100, "NORMAL": 1000, "FULL": 1000}
 
 _SCHEMA = """
