@@ -30,6 +30,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from contracts import Publish
 from supervisor.errors import OutboxInUseError
@@ -100,7 +101,7 @@ class Outbox:
             additions.clear()
             self._transactions += 1
         elif additions:
-            self._write(removals=False)
+            self._write_all(_INSERT, additions)
 
     def tidy(self) -> None:
         """Write the removals once they are due, and checkpoint the write-ahead log once that is due."""
@@ -108,7 +109,7 @@ class Outbox:
         if len(removals) >= REMOVALS_BATCH or (
             removals and self._clock() - self._removals_since >= REMOVALS_WAIT_SECONDS
         ):
-            self._write(removals=True)
+            self._write_all(_DELETE, removals)
         if self._transactions >= self._checkpoint_every:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._transactions = 0
@@ -135,17 +136,17 @@ class Outbox:
         ]
 
     def close(self) -> None:
-        self._write(removals=True)
+        self.commit()
+        if self._removals:
+            self._write_all(_DELETE, self._removals)
         self._db.close()
 
-    def _write(self, *, removals: bool) -> None:
+    def _write_all(self, statement: str, rows: list[Any]) -> None:
+        """Run `statement` for every one of `rows` in one transaction, then forget them."""
         self._db.execute("BEGIN")
-        self._db.executemany(_INSERT, self._additions)
-        self._additions.clear()
-        if removals:
-            self._db.executemany("DELETE FROM publications WHERE id = ?", self._removals)
-            self._removals.clear()
+        self._db.executemany(statement, rows)
         self._db.execute("COMMIT")
+        rows.clear()
         self._transactions += 1
 
 
@@ -153,6 +154,7 @@ _INSERT = (
     "INSERT INTO publications (id, worker, topic, payload, qos, retain, expiry, local_only) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_DELETE = "DELETE FROM publications WHERE id = ?"
 
 
 def _open(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int, int]:
