@@ -629,6 +629,10 @@ class Supervisor:
                 self._bad_input(worker, "oversized", message.topic, f"{len(message.payload)} bytes")
             elif message.retain and self.router.is_command(worker, number):
                 self._bad_input(worker, "retained_command", message.topic, "a retained message on a command topic")
+            elif not message.payload and message.topic.startswith(self._commands_prefix):
+                # Clearing a retained button press (`mosquitto_pub -r -n`) reaches live subscribers as an empty
+                # message without the retain flag: not a press, and not an error either.
+                log.info("ignored an empty message on command topic %s (a retained press being cleared)", message.topic)
             else:
                 receivers.append(worker)
         return receivers

@@ -242,8 +242,9 @@ def test_the_restart_button_restarts_and_a_retained_press_is_ignored(
 ) -> None:
     mqtt.publish(f"{supervisors.base}/cmd/echo/restart", "PRESS", retain=True)  # a stale press
     process = start(supervisors, mqtt, {"echo": echo(prefix)})
-    mqtt.publish(f"{supervisors.base}/cmd/echo/restart", "", retain=True)  # clear it
     process.wait_log("a retained message on a command topic")
+    mqtt.publish(f"{supervisors.base}/cmd/echo/restart", "", retain=True)  # clear it: an empty message, no press
+    process.wait_log("ignored an empty message on command topic")
     assert len(started_pids(mqtt, f"{prefix}/out/echo")) == 1
     mqtt.publish(f"{supervisors.base}/cmd/echo/restart", "PRESS")
     mqtt.wait_for(f"{prefix}/out/echo/started", count=2)

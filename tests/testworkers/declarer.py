@@ -1,7 +1,7 @@
 """Declarer: a test worker that declares Home Assistant entities from its config and reports button presses.
 
-Consumes: its buttons' presses (commands). Produces: one retained state per sensor on `<out>/<sensor>`, and the
-name of every command it gets on `<out>/command`. Touches nothing outside.
+Consumes: its buttons' presses (commands). Produces: one retained state per sensor on `<out>/<sensor>`, and
+`<name>: <payload>` for every command it gets on `<out>/command`. Touches nothing outside.
 """
 
 from __future__ import annotations
@@ -34,4 +34,4 @@ class Declarer(Worker[DeclarerConfig]):
             ctx.publish(f"{config.out}/{sensor}", "42", qos=1, retain=True)
 
     def on_command(self, ctx: Context, command: Command) -> None:
-        ctx.publish(f"{self.config.out}/command", command.name, qos=1)
+        ctx.publish(f"{self.config.out}/command", f"{command.name}: {command.payload.decode()}", qos=1)
