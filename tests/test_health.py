@@ -275,9 +275,14 @@ def test_systemd_hears_ready_watchdog_and_stopping(
             {"echo": echo(prefix)},
             environment={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"},
         )
-        messages = [listener.recv(4096).decode() for _ in range(3)]
-        assert messages[0].startswith("READY=1\nSTATUS=connected to 127.0.0.1:")
-        assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]
+        def receive() -> str:
+            return listener.recv(4096).decode()
+
+        first, early = receive(), 0
+        while first == "WATCHDOG=1" and early < 20:  # pings start with the loop, maybe before the broker answers
+            first, early = receive(), early + 1
+        assert first.startswith("READY=1\nSTATUS=connected to 127.0.0.1:")
+        assert [receive(), receive()] == ["WATCHDOG=1", "WATCHDOG=1"]
         process.signal(signal.SIGTERM)
         while (message := listener.recv(4096).decode()) == "WATCHDOG=1":
             pass

@@ -422,7 +422,7 @@ def test_the_declared_entities_are_the_count_next_last_run_and_a_refresh_button(
 
 # HTTP -----------------------------------------------------------------------------------------------------------------
 
-HTTP = Http(timeout_seconds=0.3, retries=2, backoff_seconds=0.01, user_agent="scraper-test/1", max_bytes=10_000)
+HTTP = Http(timeout_seconds=5.0, retries=2, backoff_seconds=0.01, user_agent="scraper-test/1", max_bytes=10_000)
 
 
 NO_VALIDATORS = Validators()
@@ -464,7 +464,7 @@ def test_fetch_gives_up_on_a_slow_server_as_a_network_error(web: WebServer) -> N
     web.routes["/slow"] = Route(body=b"late", delay=1.0)
     started = time.monotonic()
     with pytest.raises(ScrapeError, match=r"^network: .*/slow: timed out \(after 2 attempts\)$"):
-        get(web.url("/slow"), http=msgspec.structs.replace(HTTP, retries=1))
+        get(web.url("/slow"), http=msgspec.structs.replace(HTTP, timeout_seconds=0.3, retries=1))
     assert time.monotonic() - started < 1.5
 
 
@@ -557,7 +557,8 @@ def test_a_bad_scraper_section_is_a_config_error_naming_the_key(
 
 # End to end: the real supervisor and broker ------------------------------------------------------------------------
 
-FAST = {"timeout_seconds": 0.3, "retries": 1, "retry_backoff_seconds": 0.05, "short_names": False}
+# A timeout far above any good response on a busy machine: a timed-out request is retried, and the tests count requests.
+FAST = {"timeout_seconds": 10.0, "retries": 1, "retry_backoff_seconds": 0.05, "short_names": False}
 
 
 def sources_toml(table: str, sources: list[dict[str, Any]]) -> str:
@@ -748,7 +749,7 @@ def test_a_304_republishes_nothing_and_a_restart_asks_conditionally_without_repu
 def stadium_error(web: WebServer, kind: str) -> None:
     web.routes["/stadium"] = {
         "500": Route(status=500, body=b"Internal Server Error"),
-        "timeout": Route(body=page("stadium.html"), delay=1.0),
+        "timeout": Route(body=page("stadium.html"), delay=3.0),
         "broken": Route(body=page("stadium-redesigned.html")),
     }[kind]
 
@@ -771,7 +772,8 @@ def test_an_error_is_counted_by_kind_and_the_last_good_list_stays(
     requests: int,
 ) -> None:
     web.routes["/stadium"] = Route(body=page("stadium.html"))
-    scraper = start(supervisors, mqtt, [stadium(web.url("/stadium"))])
+    options = {"timeout_seconds": 1.0} if kind == "timeout" else {}  # the slow page takes 3 s
+    scraper = start(supervisors, mqtt, [stadium(web.url("/stadium"))], **options)
     scraper.runs()
     good = retained(broker, scraper.events)
     stadium_error(web, kind)
