@@ -45,8 +45,9 @@ SHORT_TITLE = "FC Example \N{EN DASH} Sample Utd"
 
 @dataclass(frozen=True)
 class Behaviour:
-    """What the fake model does with one request: `answer` ("AI <item>" per numbered item, after `delay`),
-    `text` (answer with `content`), `status` (fail with it), `malformed` (a body that is not JSON) or `hang`."""
+    """What the fake model does with one request: `answer` ("AI <item>" per numbered item, after `delay`), `held`
+    (answer once the model's `gate` opens), `text` (answer with `content`), `status` (fail with it), `malformed` (a
+    body that is not JSON) or `hang`."""
 
     kind: str = "answer"
     status: int = 200
@@ -66,6 +67,7 @@ class FakeModel:
         self.active = 0
         self.most_active = 0
         self.released = threading.Event()  # set at the end of the test: hanging requests return
+        self.gate = threading.Event()  # held requests are answered once it is set
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -78,6 +80,7 @@ class FakeModel:
 
     def close(self) -> None:
         self.released.set()
+        self.gate.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
@@ -118,6 +121,8 @@ class FakeModel:
             headers = {"Retry-After": behaviour.retry_after} if behaviour.retry_after is not None else {}
             return self.send(handler, behaviour.status, b'{"error": {"message": "scripted failure"}}', headers)
         self.released.wait(behaviour.delay)
+        if behaviour.kind == "held":
+            self.gate.wait(30)
         content = behaviour.content if behaviour.kind == "text" else answer_each_item(body)
         completion = {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {
             "role": "assistant", "content": content}, "finish_reason": "stop"}]}  # fmt: skip
@@ -518,9 +523,11 @@ def test_at_most_max_concurrent_requests_reach_the_model_at_once(
     supervisors: SupervisorFactory, mqtt: MqttProbe, model: FakeModel, prefix: str
 ) -> None:
     base, replies = supervisors.base, f"{prefix}/replies"
-    model.script.extend([Behaviour(delay=0.3)] * 4)
-    start(supervisors, mqtt, analyzer(model, max_concurrent_requests=2, reply_deadline_seconds=5.0))
+    model.script.extend([Behaviour("held")] * 4)
+    start(supervisors, mqtt, analyzer(model, max_concurrent_requests=2, reply_deadline_seconds=20.0))
     requests = [ask(mqtt, base, replies, [f"Event {n}"]) for n in range(4)]
+    wait_until(lambda: model.active == 2, 10, "two requests at the model at once")
+    model.gate.set()
     answers = [reply(mqtt, replies, request_id) for request_id in requests]
     assert [a["results"] for a in answers] == [[f"AI Event {n}"] for n in range(4)]
     assert model.most_active == 2
