@@ -214,6 +214,7 @@ def main() -> None:
         finally:
             broker.stop()
     results["seconds"] = round(time.monotonic() - started, 1)
+    results["targets_met"] = targets_met(results)
     print_table(results)
     print(json.dumps(results, sort_keys=True))
 
@@ -233,7 +234,7 @@ def run_all(broker: Broker, workdir: Path, results: dict[str, Any]) -> None:
                 "supervisor_lost": lost,
                 "baseline_msg_s": round(base_rate),
                 "baseline_lost": base_lost,
-                "ratio": round(rate / base_rate, 2),
+                "ratio": round(rate / base_rate, 3),
             }
             log(f"QoS {qos}: supervisor {rate:.0f} msg/s (lost {lost}), baseline {base_rate:.0f} (lost {base_lost})")
         results["latency"] = measure_latency(broker, workdir, load)
@@ -268,7 +269,7 @@ def measure_latency(broker: Broker, workdir: Path, load: LoadGen) -> dict[str, A
                 rtts.extend(turn)
                 losses.append(lost)
     figures: dict[str, Any] = {system: percentiles(rtts, sum(losses)) for system, (rtts, losses) in samples.items()}
-    figures["p99_ratio"] = round(figures["supervisor"]["p99_ms"] / figures["baseline"]["p99_ms"], 2)
+    figures["p99_ratio"] = round(figures["supervisor"]["p99_ms"] / figures["baseline"]["p99_ms"], 3)
     log(f"latency at {LATENCY_RATE}/s: supervisor {figures['supervisor']}, baseline {figures['baseline']}")
     return figures
 
@@ -333,7 +334,7 @@ def measure_memory(broker: Broker, workdir: Path) -> dict[str, Any]:
         "total_mib": mib(total),
         "baseline_process_mib": [mib(p) for p in baseline_pss],
         "baseline_total_mib": mib(sum(baseline_pss)),
-        "ratio": round(total / sum(baseline_pss), 2),
+        "ratio": round(total / sum(baseline_pss), 3),
     }
     log(f"memory: {figures}")
     return figures
@@ -443,6 +444,19 @@ def _broker_recovery(broker: Broker) -> float:
     return (arrivals[0][2] - back) / 1e6
 
 
+def targets_met(r: dict[str, Any]) -> dict[str, bool]:
+    """Each of the issue's targets, judged on this run's figures."""
+    lat, rec = r["latency"], r["recovery"]
+    return {
+        "qos1": r["qos1"]["ratio"] >= 1.0 and r["qos1"]["supervisor_lost"] == 0,
+        "qos0": r["qos0"]["ratio"] >= 1.0,
+        "latency": lat["p99_ratio"] <= 1.5 and lat["supervisor"]["p99_ms"] < 5.0,
+        "memory": r["memory"]["ratio"] <= 0.75,
+        "worker_back": rec["worker_kill_to_first_message_ms"] <= 50.0,
+        "broker_back": rec["broker_back_to_flowing_ms"] <= 100.0,
+    }
+
+
 def print_table(r: dict[str, Any]) -> None:
     lat, mem, rec = r["latency"], r["memory"], r["recovery"]
 
@@ -452,6 +466,7 @@ def print_table(r: dict[str, Any]) -> None:
     def ms(d: dict[str, float]) -> str:
         return f"{d['p50_ms']} / {d['p99_ms']} / {d['max_ms']} ms"
 
+    met = {key: "yes" if ok else "NO" for key, ok in r["targets_met"].items()}
     rows = [
         (
             "routed QoS 1 throughput",
@@ -459,6 +474,7 @@ def print_table(r: dict[str, Any]) -> None:
             flow(r["qos1"], "baseline"),
             f"{r['qos1']['ratio']}x",
             ">= 1.0x, lost 0",
+            met["qos1"],
         ),
         (
             "routed QoS 0 throughput",
@@ -466,6 +482,7 @@ def print_table(r: dict[str, Any]) -> None:
             flow(r["qos0"], "baseline"),
             f"{r['qos0']['ratio']}x",
             ">= 1.0x",
+            met["qos0"],
         ),
         (
             f"latency p50 / p99 / max at {LATENCY_RATE}/s",
@@ -473,6 +490,7 @@ def print_table(r: dict[str, Any]) -> None:
             ms(lat["baseline"]),
             f"p99 {lat['p99_ratio']}x",
             "p99 <= 1.5x and < 5 ms",
+            met["latency"],
         ),
         (
             "memory, 4 idle services (PSS)",
@@ -480,9 +498,17 @@ def print_table(r: dict[str, Any]) -> None:
             f"{mem['baseline_total_mib']} MiB",
             f"{mem['ratio']}x",
             "<= 0.75x",
+            met["memory"],
         ),
-        ("kill -9 worker -> first message", f"{rec['worker_kill_to_first_message_ms']} ms", "", "", "<= 50 ms"),
-        ("broker back -> flowing", f"{rec['broker_back_to_flowing_ms']} ms", "", "", "<= 100 ms"),
+        (
+            "kill -9 worker -> first message",
+            f"{rec['worker_kill_to_first_message_ms']} ms",
+            "",
+            "",
+            "<= 50 ms",
+            met["worker_back"],
+        ),
+        ("broker back -> flowing", f"{rec['broker_back_to_flowing_ms']} ms", "", "", "<= 100 ms", met["broker_back"]),
     ]
     for count in (1, 4, 16):
         f = r["fanout"][f"workers_{count}"]
@@ -493,10 +519,11 @@ def print_table(r: dict[str, Any]) -> None:
                 "",
                 "",
                 "",
+                "",
             )
         )
-    header = ("measure", "supervisor", "baseline (one process per service)", "ratio", "target")
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(5)]
+    header = ("measure", "supervisor", "baseline (one process per service)", "ratio", "target", "met")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     print(f"\nmake bench, {r['date']}, {r['machine']}, {r['seconds']} s")
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
