@@ -206,7 +206,7 @@ def test_kill_9_of_a_worker_brings_it_back_receiving_within_seconds(
     out = f"{prefix}/out/echo"
     (first,) = started_pids(mqtt, out)
     os.kill(first, signal.SIGKILL)
-    mqtt.wait_for(f"{out}/started", count=2)  # how fast is the benchmark's business: `make bench`
+    mqtt.wait_for(f"{out}/started", count=2)  # how fast is measured by `make bench`, not here
     mqtt.publish(f"{prefix}/in/x", "after restart")
     reply = wait_echo(mqtt, out, "after restart")
     assert reply["pid"] == started_pids(mqtt, out)[1] != first
