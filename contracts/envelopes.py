@@ -23,8 +23,11 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", arra
 class Message(Envelope, tag="message", frozen=True, kw_only=True):
     """One MQTT message (from the broker or from another worker) handed to a worker.
 
-    `id` is unique within one supervisor run; `attempt` is 1 on first delivery and grows each time the message is
-    delivered again after the worker that had it died.
+    `id` is unique within one supervisor run. `attempt` is 1 on first delivery and grows each time the message is
+    delivered again after the worker process that had it died; `crashes` counts only the deaths that happened while
+    this message was in the worker's handler (the ones it may have caused). `publication_id` is the stable id of the
+    publication this message is a copy of (the same on every delivery of it, across restarts of either side), or
+    None when its publisher gave none.
     """
 
     id: int
@@ -35,6 +38,8 @@ class Message(Envelope, tag="message", frozen=True, kw_only=True):
     attempt: int = 1
     response_topic: str | None = None
     correlation_data: bytes | None = None
+    crashes: int = 0
+    publication_id: str | None = None
 
     @property
     def redelivered(self) -> bool:
@@ -59,6 +64,12 @@ class Started(Envelope, tag="started", frozen=True, kw_only=True):
     """The worker's `on_start` returned; it now takes messages."""
 
     pid: int
+
+
+class StartFailed(Envelope, tag="start_failed", frozen=True, kw_only=True):
+    """The worker's `on_start` raised `error`; the process exits next (a crash, restarted by its policy)."""
+
+    error: str
 
 
 class Publish(Envelope, tag="publish", frozen=True, kw_only=True):
@@ -114,4 +125,14 @@ class Subscribe(Envelope, tag="subscribe", frozen=True, kw_only=True):
     qos: int = 0
 
 
-Outbound = Started | Publish | Handled | ErrorReported | Heartbeat | EntitiesDeclared | StatusReported | Subscribe
+Outbound = (
+    Started
+    | StartFailed
+    | Publish
+    | Handled
+    | ErrorReported
+    | Heartbeat
+    | EntitiesDeclared
+    | StatusReported
+    | Subscribe
+)

@@ -15,13 +15,17 @@ class WorkerFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
     last_run_ts: float | None = None
     last_run_trigger: str | None = None  # startup | interval | command | catch_up
+    last_run_ok: bool | None = None  # whether that run did its work (a failed run is also counted as an error)
     interval_seconds: float | None = None
     ai_enabled: bool | None = None
     ai_model: str | None = None
     event_count: int | None = None
 
 
-class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True):
+class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One worker's entry. The fields with defaults appear only where they apply: the facts the worker itself
+    reports, and `duplicates` for a worker that deduplicates."""
+
     state: str  # starting | running | backoff | stopping | stopped | failed
     pid: int | None
     restarts: int
@@ -35,9 +39,11 @@ class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True):
     inflight: int
     dropped: int
     dead_letters: int
+    duplicates: int | None = None
     last_run_ts: float | None = None
     last_run_iso: str | None = None  # ISO 8601 of last_run_ts
     last_run_trigger: str | None = None
+    last_run_ok: bool | None = None
     interval_seconds: float | None = None
     ai_enabled: bool | None = None
     ai_model: str | None = None
@@ -51,7 +57,10 @@ class MqttStatus(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Status(msgspec.Struct, frozen=True, kw_only=True):
-    status: str  # ok | degraded | error
+    # ok | degraded (a worker starting, backing off or failing every recent run; MQTT down) | error (a worker has
+    # failed) | stopped (the last document of a clean stop)
+    status: str
+    problems: list[str]  # one line each, what makes the status other than ok
     sw_version: str
     last_updated: str  # ISO 8601
     uptime_seconds: int

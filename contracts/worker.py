@@ -142,12 +142,16 @@ class Context(Protocol):
         *,
         last_run_ts: float | None = None,
         last_run_trigger: Trigger | None = None,
+        last_run_ok: bool | None = None,
         interval_seconds: float | None = None,
         ai_enabled: bool | None = None,
         ai_model: str | None = None,
         event_count: int | None = None,
     ) -> None:
-        """Set fields of this worker's entry in the supervisor's status document; None leaves a field as it is."""
+        """Set fields of this worker's entry in the supervisor's status document; None leaves a field as it is.
+
+        A run reported with `last_run_ok` counts toward the supervisor's health: while a worker's last few runs
+        (messages handled or runs reported) have all failed, the status is `degraded`."""
         ...
 
     def subscribe(self, topic_filter: str, qos: int = 0) -> None:
@@ -169,6 +173,9 @@ class Worker(Generic[ConfigT]):
 
     name: ClassVar[str]
     Config: ClassVar[type[msgspec.Struct]] = NoConfig
+    # The kinds this worker passes to `ctx.report_error`: served at 0 in the metrics from the start (so alerts and
+    # rate() see the first one). Another kind is still counted, from its first report on.
+    error_kinds: ClassVar[tuple[str, ...]] = ()
     config: ConfigT
     site: Site = Site()  # set with `config`, before `subscriptions()`
 

@@ -122,6 +122,10 @@ class WorkerSupervision(_Table, frozen=True, kw_only=True, forbid_unknown_fields
     max_queued: Annotated[int, msgspec.Meta(ge=1)] = 10000
     # A message in the worker's handler during this many of its deaths goes to <base>/dead_letter instead.
     dead_letter_after_crashes: Annotated[int, msgspec.Meta(ge=1)] = 3
+    # Drop a message whose publication id the worker handled within this many seconds (0: off), remembering at most
+    # dedupe_max_entries ids.
+    dedupe_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    dedupe_max_entries: Annotated[int, msgspec.Meta(ge=1)] = 10000
 
 
 SUPERVISION_KEYS = frozenset(WorkerSupervision.__struct_fields__)

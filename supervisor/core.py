@@ -35,6 +35,7 @@ from contracts import (
     Publish,
     Site,
     Started,
+    StartFailed,
     StatusReported,
     Stop,
     Subscribe,
@@ -45,17 +46,17 @@ from supervisor import __version__, control
 from supervisor.channel import ChannelClosed
 from supervisor.config import Settings, WorkerSettings
 from supervisor.control import ControlAPI, ControlError
+from supervisor.dedupe import Deduplicator, Window
 from supervisor.delivery import Deliveries
 from supervisor.discovery import node_id, supervisor_entities
 from supervisor.errors import ConfigError
 from supervisor.loop import Loop
 from supervisor.metrics import MetricsServer
 from supervisor.mqtt import Incoming, MqttLink
-from supervisor.processes import ExitStatus, WorkerProcess, start_method_context
+from supervisor.processes import ExitStatus, WorkerProcess, shared_word, start_method_context
 from supervisor.publishing import Publisher
 from supervisor.router import InvalidTopicFilter, Router, covers, overlap
-from supervisor.runtime import EXIT_START_FAILED
-from supervisor.slot import Offer, WorkerSlot, WorkerState
+from supervisor.slot import ErrorKind, Offer, RestartReason, WorkerSlot, WorkerState
 from supervisor.status import StatusReporter
 from supervisor.supervision import RestartTracker, Verdict
 from supervisor.systemd import Notifier
@@ -125,6 +126,7 @@ class Supervisor:
         self._wakeup: tuple[socket.socket, ...] = ()
         self.deliveries = Deliveries(self.link.ack, self._forget_publication)
         self.publisher = Publisher(settings, self.router, self.link, self.deliveries, self._offer, self._ids)
+        self.dedupe: Deduplicator | None = None  # opened in run(), when a worker deduplicates
         self.version = __version__
         self.declarations: dict[str, list[DeclaredEntity]] = {control.NAME: self._own_entities()}
         self._bundle_due: bool | None = None  # None: nothing to send; else whether to ask for a full republish
@@ -154,6 +156,14 @@ class Supervisor:
         for slot in self.slots.values():
             self._start(slot)
         self.publisher.open()
+        windows = {
+            w.name: Window(w.supervision.dedupe_seconds, w.supervision.dedupe_max_entries)
+            for w in self.settings.workers
+            if w.supervision.dedupe_seconds > 0
+        }
+        if windows:
+            self.dedupe = Deduplicator(self.settings.state_dir / "handled.sqlite3", windows)
+        self.publisher.replay()
         self.link.start()
         self.status.start()
         if self.notifier.watchdog_seconds:
@@ -169,6 +179,8 @@ class Supervisor:
             self.link.stop()
             self.notifier.close()
             self.publisher.close()
+            if self.dedupe is not None:
+                self.dedupe.close()
             if self.metrics is not None:
                 self.metrics.close()
         finally:
@@ -240,7 +252,11 @@ class Supervisor:
         state_dir = self.settings.state_dir / "workers" / slot.name
         level = logging.getLevelName(log.getEffectiveLevel())
         inherited = [*self.loop.fds(), *(s.fileno() for s in self._wakeup)]
-        process = WorkerProcess(self._context, slot.settings, self.site, str(state_dir), level, inherited)
+        if slot.in_handler is None:
+            slot.in_handler = shared_word(self._context)
+        process = WorkerProcess(
+            self._context, slot.settings, self.site, str(state_dir), level, inherited, slot.in_handler
+        )
         slot.process = process
         slot.state = WorkerState.STARTING
         slot.last_seen = self.loop.clock()
@@ -260,13 +276,21 @@ class Supervisor:
 
     def _on_envelope(self, slot: WorkerSlot, envelope: Outbound, now: float) -> None:
         match envelope:
-            case Handled(id=message_id, seconds=seconds):
-                if slot.finished(message_id, now, seconds):
+            case Handled(id=message_id, seconds=seconds, failed=failed):
+                message = slot.finished(message_id, now, seconds, failed)
+                if message is not None:
                     self.deliveries.done(message_id)
+                    if self.dedupe is not None:
+                        self._dedupe_finished(slot.name, message, handled=True)
             case Publish():
                 self.publisher.publish(slot.name, envelope)
             case ErrorReported(kind=kind):
                 slot.errors[kind] += 1
+            case StartFailed(error=error):
+                assert slot.process is not None
+                slot.process.start_error = error
+                slot.errors[ErrorKind.START] += 1
+                log.error("worker %s could not start: %s", slot.name, error)
             case Started(pid=pid):
                 if slot.state is WorkerState.STARTING:
                     slot.state = WorkerState.RUNNING
@@ -299,35 +323,36 @@ class Supervisor:
         slot.process = None
         slot.outgoing.clear()
         self._cancel_timer(slot)
-        reason = self._exit_reason(slot, status)
+        reason = self._exit_reason(slot, process, status)
         slot.last_exit = f"{status.describe()} ({reason})"
         slot.last_exit_time = datetime.now(UTC).isoformat(timespec="seconds")
-        poison = slot.take_back_unfinished()
+        poison = slot.take_back_unfinished(process.message_in_handler)
         if poison is not None:
             self.publisher.dead_letter(slot.name, poison, slot.last_exit)
             self.deliveries.done(poison.id)
+            self._dedupe_finished(slot.name, poison, handled=True)  # given up: a copy would only crash it again
         if self._stopping:
             slot.state = WorkerState.STOPPED
             log.info("worker %s stopped: %s", slot.name, status.describe())
             return
         self._after_exit(slot, status, reason)
 
-    def _exit_reason(self, slot: WorkerSlot, status: ExitStatus) -> str:
+    def _exit_reason(self, slot: WorkerSlot, process: WorkerProcess, status: ExitStatus) -> RestartReason:
         if slot.kill_reason is not None:
             return slot.kill_reason
         if slot.command is not None:
-            return "command"
+            return RestartReason.COMMAND
+        if process.start_error is not None:
+            return RestartReason.START_FAILED
         if status.signal is not None:
-            return "killed"
-        if status.code == EXIT_START_FAILED:
-            return "start_failed"
-        return "exit" if status.abnormal else "normal"
+            return RestartReason.KILLED
+        return RestartReason.EXIT if status.abnormal else RestartReason.NORMAL
 
-    def _after_exit(self, slot: WorkerSlot, status: ExitStatus, reason: str) -> None:
+    def _after_exit(self, slot: WorkerSlot, status: ExitStatus, reason: RestartReason) -> None:
         if slot.command is not None:  # a person asked for this exit
             command, slot.command = slot.command, None
             if command == "restart":
-                slot.restarts["command"] += 1
+                slot.restarts[RestartReason.COMMAND] += 1
                 self._start(slot)
             else:
                 self._stop_for_good(slot)
@@ -350,8 +375,7 @@ class Supervisor:
                 )
             case Verdict.FAILED | Verdict.ESCALATE:
                 slot.state = WorkerState.FAILED
-                for message_id in slot.drop_queued():
-                    self.deliveries.done(message_id)
+                self._drop_queued(slot)
                 policy = slot.settings.supervision
                 log.error(
                     "worker %s failed: more than %d restarts in %g s (last: %s)",
@@ -364,11 +388,11 @@ class Supervisor:
                     log.critical("worker %s is significant: stopping the supervisor", slot.name)
                     self.shutdown(exit_code=1)
 
-    def _kill(self, slot: WorkerSlot, reason: str, detail: str) -> None:
+    def _kill(self, slot: WorkerSlot, reason: RestartReason, detail: str) -> None:
         assert slot.process is not None
         log.error("worker %s (pid %d) %s; killing it", slot.name, slot.process.pid, detail)
         slot.kill_reason = reason
-        slot.errors[reason] += 1
+        slot.errors[ErrorKind(reason.value)] += 1  # DEADLINE and HEARTBEAT are error kinds too
         slot.process.kill()
 
     def _check_liveness(self) -> None:
@@ -388,12 +412,34 @@ class Supervisor:
 
     def _offer(self, name: str, message: Message) -> None:
         """Hand `message` to worker `name` (or to the supervisor's control API, when a worker sent a request); one
-        `done` follows for it, unless the supervisor is stopping."""
+        `done` follows for it, unless the supervisor is stopping. A copy of a publication that a deduplicating
+        worker has handled (or holds) already is dropped and counted instead."""
         if name == control.NAME:
             self.control.handle(message)
             self.deliveries.done(message.id)
-        elif self.slots[name].offer(message, self.loop.clock()) in (Offer.REFUSED, Offer.DROPPED):
+            return
+        slot = self.slots[name]
+        dedupe = self.dedupe if message.publication_id is not None else None
+        if dedupe is not None and dedupe.deduplicates(name):
+            assert message.publication_id is not None
+            if not dedupe.admit(name, message.publication_id):
+                slot.duplicates += 1
+                log.debug("dropped a copy of publication %s for worker %s", message.publication_id, name)
+                self.deliveries.done(message.id)
+                return
+        if slot.offer(message, self.loop.clock()) in (Offer.REFUSED, Offer.DROPPED):
             self.deliveries.done(message.id)
+            self._dedupe_finished(name, message, handled=False)
+
+    def _dedupe_finished(self, name: str, message: Message, handled: bool) -> None:
+        """Worker `name` is done with `message`; for deduplication, whether it handled it (or gave it up)."""
+        if message.publication_id is not None and self.dedupe is not None and self.dedupe.deduplicates(name):
+            self.dedupe.finished(name, message.publication_id, handled)
+
+    def _drop_queued(self, slot: WorkerSlot) -> None:
+        for message in slot.drop_queued():
+            self.deliveries.done(message.id)
+            self._dedupe_finished(slot.name, message, handled=False)
 
     def _subscribe(self, slot: WorkerSlot, topic_filter: str, qos: int) -> None:
         """Route `topic_filter` to the worker too (a worker's own subscription, made while it runs)."""
@@ -442,11 +488,15 @@ class Supervisor:
         do the outbox's housekeeping."""
         self._flush_bundle()
         self.publisher.commit()
+        if self.dedupe is not None:
+            self.dedupe.commit()
         self.deliveries.release()
         self._write_to_workers()
         self.status.check_availability()
         self.link.flush()
         self.publisher.tidy()
+        if self.dedupe is not None:
+            self.dedupe.tidy()
         if not self._ready:
             self._notify_ready_once()
 
@@ -492,7 +542,7 @@ class Supervisor:
             self._ask_to_exit(slot, "restart")
             return "restarting"
         self._cancel_timer(slot)
-        slot.restarts["command"] += 1
+        slot.restarts[RestartReason.COMMAND] += 1
         self._start(slot)
         return slot.state.value
 
@@ -537,8 +587,7 @@ class Supervisor:
     def _stop_for_good(self, slot: WorkerSlot) -> None:
         self._cancel_timer(slot)
         slot.state = WorkerState.STOPPED
-        for message_id in slot.drop_queued():
-            self.deliveries.done(message_id)
+        self._drop_queued(slot)
         log.info("worker %s stopped by command", slot.name)
 
     def _reply(self, topic: str, payload: bytes, correlation_data: bytes | None) -> None:
@@ -596,6 +645,7 @@ class Supervisor:
             retain=message.retain,
             response_topic=message.response_topic,
             correlation_data=message.correlation_data,
+            publication_id=message.publication_id,
         )
         for name in receivers:
             self._offer(name, routed)

@@ -47,7 +47,7 @@ def supervisor_entities(site: Site, workers: Iterable[str]) -> list[Entity]:
             name="Status",
             state_topic=status,
             value_template="{{ value_json.status }}",
-            options=["ok", "degraded", "error"],
+            options=["ok", "degraded", "error", "stopped"],
             device_class="enum",
             json_attributes_topic=status,
             json_attributes_template="{{ value_json.mqtt | tojson }}",

@@ -19,14 +19,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from supervisor.loop import Loop
-from supervisor.slot import LATENCY_BUCKETS, WorkerSlot, WorkerState
+from supervisor.slot import LATENCY_BUCKETS, ErrorKind, RestartReason, WorkerSlot, WorkerState
 
 log = logging.getLogger(__name__)
 
 PREFIX = "supervisor_"
-# Kinds and reasons every worker reports at 0 from the start, so that rate() and alerts work before the first one.
-ERROR_KINDS = ("handler", "decode", "start", "oversized", "retained_command", "queue_full", "deadline", "heartbeat")
-RESTART_REASONS = ("exit", "killed", "start_failed", "deadline", "heartbeat", "command")
 _REQUEST_LIMIT = 8192
 _CONNECTION_SECONDS = 10.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -82,6 +79,9 @@ class SupervisorCollector(Collector):
             PREFIX + "worker_inflight_messages", "Messages handed to the worker, not yet handled.", labels=["worker"]
         )
         dead = CounterMetricFamily(PREFIX + "dead_letters", "Messages given up after crashes.", labels=["worker"])
+        duplicates = CounterMetricFamily(
+            PREFIX + "worker_duplicates", "Copies of publications the worker had handled, dropped.", labels=["worker"]
+        )
         latency = HistogramMetricFamily(
             PREFIX + "message_handling_seconds", "Time a worker takes to handle a message.", labels=["worker"]
         )
@@ -92,19 +92,22 @@ class SupervisorCollector(Collector):
             PREFIX + "worker_cpu_seconds", "CPU time of the worker's processes.", labels=["worker"]
         )
         for name, slot in self.observed.slots.items():
-            for kind in sorted(set(ERROR_KINDS) | set(slot.errors)):
+            # Every kind and reason is served from the start, at 0, so that rate() and alerts see the first one.
+            kinds = {*ErrorKind, *slot.settings.worker_class.error_kinds, *slot.errors}
+            for kind in sorted(kinds):
                 errors.add_metric([name, kind], slot.errors[kind])
-            for reason in sorted(set(RESTART_REASONS) | set(slot.restarts)):
+            for reason in sorted({*RestartReason, *slot.restarts}):
                 restarts.add_metric([name, reason], slot.restarts[reason])
             up.add_metric([name], 1 if slot.state is WorkerState.RUNNING else 0)
             depth.add_metric([name], len(slot.queued))
             inflight.add_metric([name], len(slot.inflight))
             dead.add_metric([name], slot.dead_letters)
+            duplicates.add_metric([name], slot.duplicates)
             latency.add_metric([name], _buckets(slot.latency_counts), slot.latency_sum)
             rss, seconds = self._usage(name, slot)
             memory.add_metric([name], rss)
             cpu.add_metric([name], seconds)
-        yield from (errors, restarts, up, depth, inflight, dead, latency, memory, cpu)
+        yield from (errors, restarts, up, depth, inflight, dead, duplicates, latency, memory, cpu)
 
     def _mqtt(self) -> Iterator[Metric]:
         reconnects, received, published, failed = self.observed.mqtt_counters

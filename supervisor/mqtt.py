@@ -9,6 +9,7 @@ maximum, and on every connect the link publishes the birth message and subscribe
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import socket
@@ -37,6 +38,9 @@ _READ_CHUNK = 64 * 1024  # see channel._READ_SIZE: a read of more than 128 KiB c
 _DISCONNECT = 0xE0
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+# The MQTT 5 user property that carries every publication's stable id (identifier 0x26, then the key).
+PUBLICATION_ID_KEY = "publication-id"
+_PUBLICATION_ID_PROPERTY = b"\x26" + len(PUBLICATION_ID_KEY).to_bytes(2, "big") + PUBLICATION_ID_KEY.encode()
 
 
 class _BufferedClient(paho.Client):
@@ -166,16 +170,43 @@ class _BufferedClient(paho.Client):
         self._pending = bytearray()
 
 
-class _PackedProperties(Properties):
-    """Publish properties that never change once built, packed once instead of on every publish."""
+class _PublishProperties(Properties):
+    """PUBLISH properties packed by the link once (paho's own `pack` looks up every property name on each call).
+    paho only calls `pack` on them: when it sends the packet, and again if it resends it after a reconnect."""
 
-    _packed: bytes | None = None
+    _packed: bytes
+
+    def __init__(self, packed: bytes) -> None:  # not Properties.__init__: nothing but `pack` is ever used
+        object.__setattr__(self, "_packed", packed)  # Properties.__setattr__ only admits MQTT property names
 
     def pack(self) -> bytes:
-        if self._packed is None:  # Properties.__setattr__ only admits MQTT property names
-            object.__setattr__(self, "_packed", super().pack())  # type: ignore[no-untyped-call]
-        assert self._packed is not None
         return self._packed
+
+    def __repr__(self) -> str:
+        return f"_PublishProperties({self._packed!r})"
+
+    __str__ = __repr__
+
+
+def _publish_properties(expiry: int | None, correlation_data: bytes | None, publication_id: str) -> Properties:
+    """MQTT 5 PUBLISH properties: message expiry, correlation data, and the publication id as a user property."""
+    body = bytearray()
+    if expiry:
+        body += b"\x02" + expiry.to_bytes(4, "big")
+    if correlation_data is not None:
+        body += b"\x09" + len(correlation_data).to_bytes(2, "big") + correlation_data
+    identifier = publication_id.encode()
+    body += _PUBLICATION_ID_PROPERTY + len(identifier).to_bytes(2, "big") + identifier
+    return _PublishProperties(_variable_byte_integer(len(body)) + body)
+
+
+def _variable_byte_integer(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        out.append(digit | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 class Incoming(msgspec.Struct, frozen=True, kw_only=True):
@@ -189,6 +220,7 @@ class Incoming(msgspec.Struct, frozen=True, kw_only=True):
     response_topic: str | None = None
     correlation_data: bytes | None = None
     subscription_ids: tuple[int, ...] = ()  # MQTT 5: which of our subscriptions this copy is for
+    publication_id: str | None = None  # MQTT 5: the publisher's `publication-id` user property
 
 
 class LinkListener(Protocol):
@@ -228,8 +260,9 @@ class MqttLink:
         self._last_problem: tuple[str, float] | None = None
         self._quiet = False  # the last problem was a repeat, logged at debug level only
         self._connected_at = 0.0
-        self._expiry_properties: dict[int, Properties] = {}
         self._v5 = config.protocol == 5
+        self._id_prefix = os.urandom(6).hex()  # this run's: ids stay unique across restarts and supervisors
+        self._id_count = itertools.count(1)
         self._client = self._build_client(password)
 
     # Public API ---------------------------------------------------------------------------------------------------
@@ -259,6 +292,10 @@ class MqttLink:
         self.loop.call_later(_MISC_INTERVAL, self._misc)
         self._connect()
 
+    def new_publication_id(self) -> str:
+        """A new stable id for a publication: unique across runs and supervisors, kept with it in the outbox."""
+        return f"{self._id_prefix}-{next(self._id_count):x}"
+
     def publish(
         self,
         topic: str,
@@ -267,21 +304,21 @@ class MqttLink:
         retain: bool = False,
         expiry: int | None = None,
         correlation_data: bytes | None = None,
+        publication_id: str | None = None,
     ) -> int | None:
         """Queue a publication; its packet id (confirmed later through `publish_confirmed` for QoS 1 and 2), or
         None when it was dropped (counted in `publish_errors`).
 
-        QoS 0 while disconnected is dropped; QoS 1 and 2 wait in paho's queue for the next connection.
+        Under MQTT 5 it carries `publication_id` (a new one when None) as the user property `publication-id`;
+        MQTT 3.1.1 has no properties, so there it carries none. QoS 0 while disconnected is dropped; QoS 1 and 2
+        wait in paho's queue for the next connection.
         """
         if qos == 0 and not self.connected:
             self.publish_errors += 1
             return None
-        properties = self._expiry(expiry) if self._v5 and expiry else None
-        if self._v5 and correlation_data is not None:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.CorrelationData = correlation_data
-            if expiry:
-                properties.MessageExpiryInterval = expiry
+        properties = None
+        if self._v5:
+            properties = _publish_properties(expiry, correlation_data, publication_id or self.new_publication_id())
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             self.publish_errors += 1
@@ -485,14 +522,6 @@ class MqttLink:
             return
         self._unacknowledged[mid] = filters
 
-    def _expiry(self, seconds: int) -> Properties:
-        properties = self._expiry_properties.get(seconds)
-        if properties is None:
-            properties = _PackedProperties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            properties.MessageExpiryInterval = seconds
-            self._expiry_properties[seconds] = properties
-        return properties
-
     # Driving paho from the loop -----------------------------------------------------------------------------------
 
     def _readable(self) -> None:
@@ -626,6 +655,8 @@ class MqttLink:
             return
         self.received += 1
         correlation = getattr(properties, "CorrelationData", None)
+        user = getattr(properties, "UserProperty", ())
+        publication_id = next((value for key, value in user if key == PUBLICATION_ID_KEY), None)
         incoming = Incoming(
             topic=topic,
             payload=bytes(msg.payload),
@@ -635,6 +666,7 @@ class MqttLink:
             response_topic=getattr(properties, "ResponseTopic", None),
             correlation_data=bytes(correlation) if correlation is not None else None,
             subscription_ids=tuple(getattr(properties, "SubscriptionIdentifier", ())),
+            publication_id=publication_id if isinstance(publication_id, str) else None,
         )
         self.listener.message_received(incoming)
 

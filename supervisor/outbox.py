@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS publications (
     qos INTEGER NOT NULL,
     retain INTEGER NOT NULL,
     expiry INTEGER,
-    local_only INTEGER NOT NULL
+    local_only INTEGER NOT NULL,
+    publication_id TEXT
 )
 """
 
@@ -71,18 +72,20 @@ class Outbox:
                 with contextlib.suppress(FileNotFoundError):
                     Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
             self._db, self.backlog, self._next_row = _open(path, synchronous)
-        self._additions: list[tuple[int, str, str, bytes, int, bool, int | None, bool]] = []
+        self._additions: list[tuple[int, str, str, bytes, int, bool, int | None, bool, str]] = []
         self._removals: list[tuple[int]] = []
         self._removals_since = 0.0  # when the oldest removal not yet written was asked for
         self._checkpoint_every = _CHECKPOINT_EVERY[synchronous]
         self._transactions = 0  # since the last checkpoint
 
-    def add(self, worker: str, publication: Publish) -> int:
+    def add(self, worker: str, publication: Publish, publication_id: str) -> int:
         """Store `publication` (durable once `commit` returns); returns its row id."""
         row = self._next_row
         self._next_row += 1
         p = publication
-        self._additions.append((row, worker, p.topic, p.payload, p.qos, p.retain, p.expiry, p.local_only))
+        self._additions.append(
+            (row, worker, p.topic, p.payload, p.qos, p.retain, p.expiry, p.local_only, publication_id)
+        )
         self.backlog += 1
         return row
 
@@ -114,10 +117,12 @@ class Outbox:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._transactions = 0
 
-    def pending(self) -> list[tuple[int, str, Publish]]:
-        """Every stored publication, oldest first: what a previous run left undelivered."""
+    def pending(self) -> list[tuple[int, str, Publish, str | None]]:
+        """Every stored publication with its row, publisher and publication id (None in rows written before ids
+        were kept), oldest first: what a previous run left undelivered."""
         rows = self._db.execute(
-            "SELECT id, worker, topic, payload, qos, retain, expiry, local_only FROM publications ORDER BY id"
+            "SELECT id, worker, topic, payload, qos, retain, expiry, local_only, publication_id "
+            "FROM publications ORDER BY id"
         )
         return [
             (
@@ -131,8 +136,9 @@ class Outbox:
                     expiry=expiry,
                     local_only=bool(local_only),
                 ),
+                publication_id,
             )
-            for row, worker, topic, payload, qos, retain, expiry, local_only in rows
+            for row, worker, topic, payload, qos, retain, expiry, local_only, publication_id in rows
         ]
 
     def close(self) -> None:
@@ -151,8 +157,8 @@ class Outbox:
 
 
 _INSERT = (
-    "INSERT INTO publications (id, worker, topic, payload, qos, retain, expiry, local_only) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO publications (id, worker, topic, payload, qos, retain, expiry, local_only, publication_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _DELETE = "DELETE FROM publications WHERE id = ?"
 
@@ -166,6 +172,9 @@ def _open(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int, int]:
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.execute("PRAGMA wal_autocheckpoint=0")  # `tidy` checkpoints, outside the commits
         db.execute(_SCHEMA)
+        columns = {name for _, name, *_ in db.execute("PRAGMA table_info(publications)")}
+        if "publication_id" not in columns:  # an outbox written by a version without publication ids
+            db.execute("ALTER TABLE publications ADD COLUMN publication_id TEXT")
         count, last = db.execute("SELECT count(*), coalesce(max(id), 0) FROM publications").fetchone()
     except sqlite3.OperationalError as exc:
         db.close()

@@ -68,6 +68,11 @@ def start_method_context(method: str, preload: list[str]) -> Any:
     return context
 
 
+def shared_word(context: Any) -> Any:
+    """A 64-bit integer in memory shared with the worker processes started from `context` (any start method)."""
+    return context.RawValue(ctypes.c_int64, 0)
+
+
 @dataclass(frozen=True)
 class ExitStatus:
     """How a worker process ended: `code` for exit(code), `signal` when killed by a signal."""
@@ -96,8 +101,11 @@ class WorkerProcess:
         state_dir: str,
         log_level: str,
         inherited: list[int],
+        in_handler: Any,
     ) -> None:
-        """Start the worker. `inherited`: the supervisor's descriptors, which a forked child must release."""
+        """Start the worker. `inherited`: the supervisor's descriptors, which a forked child must release;
+        `in_handler`: the shared word in which the worker keeps the id of the message it is handling (see
+        `supervisor.runtime`), made by `shared_word`."""
         ours, theirs = socket.socketpair()
         forked = context.get_start_method() == "fork"
         if forked:
@@ -125,7 +133,12 @@ class WorkerProcess:
             site=site,
             release_fds=[*inherited, ours.fileno()] if forked else [],
         )
-        self.process = context.Process(target=runtime.run, args=(spec, theirs), name=f"worker-{settings.name}")
+        in_handler.value = 0
+        self.in_handler = in_handler
+        self.start_error: str | None = None  # what the worker reported when its on_start raised
+        self.process = context.Process(
+            target=runtime.run, args=(spec, theirs, in_handler), name=f"worker-{settings.name}"
+        )
         try:
             self.process.start()
         finally:
@@ -143,6 +156,11 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
+
+    @property
+    def message_in_handler(self) -> int:
+        """The id of the message the worker is handling (after its death: was handling), 0 for none."""
+        return int(self.in_handler.value)
 
     def exit_status(self) -> ExitStatus | None:
         """The exit status once the process has ended (reaping it), else None."""

@@ -49,13 +49,17 @@ class Publisher:
         self._local_first = settings.mqtt.protocol == 5
 
     def open(self) -> None:
-        """Open the outbox and deliver again what a previous run stored and had not finished delivering."""
+        """Open the outbox (and take its lock: one supervisor per state directory)."""
         sync = self.settings.supervisor.outbox_sync.upper()
         self.outbox = Outbox(self.settings.state_dir / "outbox.sqlite3", sync)
+
+    def replay(self) -> None:
+        """Deliver again what a previous run stored and had not finished delivering."""
+        assert self.outbox is not None
         pending = self.outbox.pending()
         if pending:
             log.info("replaying %d publication(s) left in the outbox by the previous run", len(pending))
-        for row, source, publication in pending:
+        for row, source, publication, publication_id in pending:
             receivers = self._local_receivers(source, publication)
             parts = len(receivers) + (0 if publication.local_only else 1)
             if parts == 0:
@@ -63,7 +67,7 @@ class Publisher:
                 continue
             message_id = next(self.ids)
             self.deliveries.expect_outbound(message_id, row, parts)
-            self._deliver(message_id, receivers, publication)
+            self._deliver(message_id, receivers, publication, publication_id or self.link.new_publication_id())
 
     def publish(self, source: str, publication: Publish) -> None:
         """Deliver what worker `source` published."""
@@ -71,19 +75,22 @@ class Publisher:
             self._publish_durably(source, publication)
             return
         receivers = self._local_receivers(source, publication)
+        publication_id = self.link.new_publication_id()
         if receivers:
-            message = Message(id=next(self.ids), topic=publication.topic, payload=publication.payload)
+            message = Message(
+                id=next(self.ids), topic=publication.topic, payload=publication.payload, publication_id=publication_id
+            )
             for name in receivers:
                 self.offer(name, message)
         if not publication.local_only:
-            self._send(publication)
+            self._send(publication, publication_id)
 
     def dead_letter(self, worker: str, message: Message, last_exit: str | None) -> None:
         """Publish `message`, which kept killing `worker`, on `<base>/dead_letter`, durably."""
         log.error(
             "worker %s died %d times handling message %d on %s; sent to the dead-letter topic",
             worker,
-            message.attempt,
+            message.crashes,
             message.id,
             message.topic,
         )
@@ -97,6 +104,7 @@ class Publisher:
             "payload": text,
             "payload_base64": encoded,
             "attempts": message.attempt,
+            "crashes": message.crashes,
             "last_exit": last_exit,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -142,16 +150,23 @@ class Publisher:
         if parts == 0:
             return
         message_id = next(self.ids)
-        self.deliveries.expect_outbound(message_id, self.outbox.add(source, publication), parts)
-        self._deliver(message_id, receivers, publication)
+        publication_id = self.link.new_publication_id()
+        self.deliveries.expect_outbound(message_id, self.outbox.add(source, publication, publication_id), parts)
+        self._deliver(message_id, receivers, publication, publication_id)
 
-    def _deliver(self, message_id: int, receivers: list[str], publication: Publish) -> None:
+    def _deliver(self, message_id: int, receivers: list[str], publication: Publish, publication_id: str) -> None:
         if receivers:
-            message = Message(id=message_id, topic=publication.topic, payload=publication.payload, qos=publication.qos)
+            message = Message(
+                id=message_id,
+                topic=publication.topic,
+                payload=publication.payload,
+                qos=publication.qos,
+                publication_id=publication_id,
+            )
             for name in receivers:
                 self.offer(name, message)
         if not publication.local_only:
-            mid = self._send(publication)
+            mid = self._send(publication, publication_id)
             if mid is None:
                 self.deliveries.done(message_id)  # refused by paho outright: counted as a publish error
             else:
@@ -163,8 +178,9 @@ class Publisher:
             return []
         return [name for name in self.router.workers(publication.topic) if name != source]
 
-    def _send(self, publication: Publish) -> int | None:
+    def _send(self, publication: Publish, publication_id: str) -> int | None:
         expiry = publication.expiry
         if expiry is None and not publication.retain:
             expiry = self.settings.mqtt.message_expiry_seconds
-        return self.link.publish(publication.topic, publication.payload, publication.qos, publication.retain, expiry)
+        p = publication
+        return self.link.publish(p.topic, p.payload, p.qos, p.retain, expiry, publication_id=publication_id)

@@ -6,9 +6,14 @@ between messages, heartbeats while idle, and sends what the worker publishes bac
 Failure policy (written here because it is implemented here):
 - an exception from `on_message`, `on_command`, a timer callback or a `run_in_thread` result callback is reported as
   an error of kind `handler`, logged with its traceback, and the loop goes on;
-- an exception from `on_start` is a crash: it is reported, and the process exits with EXIT_START_FAILED so the
-  supervisor applies the worker's restart policy;
+- an exception from `on_start` is a crash: it is reported over the channel (`StartFailed`), and the process exits
+  with code 1 so the supervisor applies the worker's restart policy. The exit code is never read as a message: a
+  worker's own `sys.exit(3)` is a crash with exit code 3;
 - the end of the pipe means the supervisor is gone: the worker runs `on_stop` and exits.
+
+Blame: before each handler call the loop writes the message's id into `in_handler`, a word of memory shared with
+the supervisor, and clears it after (no system call). When the process dies, the supervisor reads it: the message
+there, if any, is the one that may have killed it; nothing else is blamed.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from contracts import (
     Publish,
     Site,
     Started,
+    StartFailed,
     StatusReported,
     Stop,
     Subscribe,
@@ -59,7 +65,6 @@ from supervisor.router import InvalidTopicFilter, check_filter
 
 T = TypeVar("T")
 
-EXIT_START_FAILED = 3
 # What a handler raises when a payload is not what it expects: counted as `decode` errors, not handler failures.
 _UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, json.JSONDecodeError, UnicodeDecodeError)
 _PR_SET_PDEATHSIG = 1
@@ -81,8 +86,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     release_fds: list[int] = msgspec.field(default_factory=list)  # the supervisor's, inherited through fork
 
 
-def run(spec: WorkerSpec, sock: Any) -> None:
-    """Entry point of a worker process (the target passed to multiprocess)."""
+def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:
+    """Entry point of a worker process (the target passed to multiprocess). `in_handler` is the shared word (a
+    ctypes value with `.value`) that holds the id of the message in the handler, 0 between messages."""
     _release(spec.release_fds)
     _reset_signals()
     _die_with_parent()
@@ -97,7 +103,7 @@ def run(spec: WorkerSpec, sock: Any) -> None:
     worker.config = msgspec.msgpack.decode(spec.config, type=worker_class.Config)
     worker.site = spec.site
     try:
-        code = WorkerLoop(spec, worker, Channel(sock, Inbound)).run()
+        code = WorkerLoop(spec, worker, Channel(sock, Inbound), in_handler).run()
     except ChannelClosed:
         code = 0  # the supervisor went away while we were writing to it
     # Exit now: a `run_in_thread` call still under way (an HTTP request waiting for its timeout) must not hold the
@@ -303,6 +309,7 @@ class WorkerContext:
         *,
         last_run_ts: float | None = None,
         last_run_trigger: Trigger | None = None,
+        last_run_ok: bool | None = None,
         interval_seconds: float | None = None,
         ai_enabled: bool | None = None,
         ai_model: str | None = None,
@@ -311,6 +318,7 @@ class WorkerContext:
         facts = WorkerFacts(
             last_run_ts=last_run_ts,
             last_run_trigger=last_run_trigger,
+            last_run_ok=last_run_ok,
             interval_seconds=interval_seconds,
             ai_enabled=ai_enabled,
             ai_model=ai_model,
@@ -351,12 +359,19 @@ class WorkerContext:
 class WorkerLoop:
     """Runs one worker: start, then messages and timers one at a time, then stop."""
 
-    def __init__(self, spec: WorkerSpec, worker: Worker, channel: Channel[Inbound]) -> None:  # type: ignore[type-arg]
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        worker: Worker,  # type: ignore[type-arg]
+        channel: Channel[Inbound],
+        in_handler: Any,
+    ) -> None:
         state_dir = Path(spec.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.spec = spec
         self.worker = worker
         self.channel = channel
+        self.in_handler = in_handler
         self.loop = Loop()
         self.ctx = WorkerContext(spec.name, worker.config, state_dir, self.loop, spec.site)
         self.log = self.ctx.log
@@ -369,9 +384,9 @@ class WorkerLoop:
             self.worker.on_start(self.ctx)
         except Exception as exc:  # policy: a failing start is a crash, restarted by the supervisor
             self.log.exception("on_start failed")
-            self.ctx.report_error("start", f"{type(exc).__name__}: {exc}")
+            self.ctx.outgoing.append(StartFailed(error=f"{type(exc).__name__}: {exc}"))
             self._flush()
-            return EXIT_START_FAILED
+            return 1
         self.ctx.outgoing.append(Started(pid=os.getpid()))
         self._flush()
         self.loop.add_reader(self.channel, self._readable)
@@ -402,6 +417,7 @@ class WorkerLoop:
     def _handle(self, message: Message) -> None:
         started = time.perf_counter()
         failed = False
+        self.in_handler.value = message.id
         try:
             if message.topic.startswith(self._commands):
                 self._command(message)
@@ -414,6 +430,7 @@ class WorkerLoop:
             failed = True
             self.log.exception("handling message %d on %s failed", message.id, message.topic)
             self.ctx.report_error("handler", f"{type(exc).__name__}: {exc} (topic {message.topic})")
+        self.in_handler.value = 0
         finished = time.perf_counter()
         self.ctx.outgoing.append(Handled(id=message.id, seconds=finished - started, failed=failed))
         if finished - started >= _FLUSH_AFTER_SECONDS:

@@ -1,7 +1,8 @@
 """One worker as the supervisor sees it, across its process incarnations: state, queue, messages in hand.
 
-Pure bookkeeping over explicit timestamps; the Supervisor does the I/O. The worker handles its messages in order,
-so of the messages handed to a process (`inflight`) the oldest is the one in its handler.
+Pure bookkeeping over explicit timestamps; the Supervisor does the I/O. The worker handles its messages in order
+and reports them finished once per batch it read, so after a death the messages still in flight may have been
+finished already, be waiting, or be the one in the handler; the process says which (`message_in_handler`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import bisect
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
+from typing import Any
 
 import msgspec
 
@@ -19,6 +21,8 @@ from supervisor.loop import TimerHandle
 from supervisor.processes import WorkerProcess
 from supervisor.supervision import RestartTracker
 
+# A worker whose last this many outcomes (messages handled, runs reported) all failed makes the status degraded.
+RECENT_OUTCOMES = 3
 # Upper bounds (seconds) of the message-handling latency histogram.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -30,6 +34,33 @@ class WorkerState(Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+
+
+class ErrorKind(StrEnum):
+    """The errors the supervisor and the worker runtime count for every worker (workers add their own kinds, which
+    they list in `Worker.error_kinds`)."""
+
+    HANDLER = "handler"  # on_message, on_command or a callback raised
+    DECODE = "decode"  # the handler could not decode a payload
+    START = "start"  # on_start raised
+    STOP = "stop"  # on_stop raised
+    OVERSIZED = "oversized"  # a payload over [mqtt] max_payload_bytes
+    RETAINED_COMMAND = "retained_command"  # a retained message on a command topic
+    QUEUE_FULL = "queue_full"  # QoS 0 dropped for a full queue
+    DEADLINE = "deadline"  # killed: one message took longer than message_deadline_seconds
+    HEARTBEAT = "heartbeat"  # killed: no heartbeat for heartbeat_timeout_seconds
+
+
+class RestartReason(StrEnum):
+    """Why a worker was started again."""
+
+    EXIT = "exit"  # it exited with a non-zero code
+    NORMAL = "normal"  # it exited with code 0 by itself (a `permanent` worker is started again)
+    KILLED = "killed"  # a signal ended it (kill -9, the OOM killer)
+    START_FAILED = "start_failed"  # its on_start raised
+    DEADLINE = "deadline"  # the supervisor killed it: stuck on one message
+    HEARTBEAT = "heartbeat"  # the supervisor killed it: silent while idle
+    COMMAND = "command"  # a person asked (control API, restart button)
 
 
 class Offer(Enum):
@@ -55,23 +86,34 @@ class WorkerSlot:
     errors: Counter[str] = field(default_factory=Counter)  # by kind, reported by the worker or about its input
     restarts: Counter[str] = field(default_factory=Counter)  # by reason
     dropped: int = 0
+    duplicates: int = 0  # copies of a publication it had handled (or held) already, dropped (`dedupe_seconds`)
     handled: int = 0
     dead_letters: int = 0
     last_exit: str | None = None
     last_exit_time: str | None = None  # ISO 8601
     last_seen: float = 0.0  # when the process last sent anything
     progress_at: float = 0.0  # since when the oldest in-flight message has been the one to wait for
-    kill_reason: str | None = None
+    in_handler: Any = None  # the shared word each of its processes writes (`processes.shared_word`), made once
+    kill_reason: RestartReason | None = None  # the supervisor killed the process: DEADLINE or HEARTBEAT
     timer: TimerHandle | None = None
     command: str | None = None  # "stop" or "restart", asked for by a person, carried out once the process exits
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # last: +Inf
     latency_sum: float = 0.0
     facts: WorkerFacts = field(default_factory=WorkerFacts)  # what the worker reported about its own work
+    # Whether each of its last few messages and reported runs succeeded, newest last.
+    outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=RECENT_OUTCOMES))
 
     def report(self, facts: WorkerFacts) -> None:
-        """Take the fields the worker set; the others keep their last value."""
+        """Take the fields the worker set; the others keep their last value. A run's outcome is one outcome."""
         changes = {name: value for name in facts.__struct_fields__ if (value := getattr(facts, name)) is not None}
         self.facts = msgspec.structs.replace(self.facts, **changes)
+        if facts.last_run_ok is not None:
+            self.outcomes.append(facts.last_run_ok)
+
+    @property
+    def failing(self) -> bool:
+        """Everything it did lately failed: its last few messages and reported runs (at least one)."""
+        return bool(self.outcomes) and not any(self.outcomes)
 
     @property
     def name(self) -> str:
@@ -90,7 +132,7 @@ class WorkerSlot:
             return Offer.REFUSED
         if message.qos == 0 and len(self.queued) >= self.settings.supervision.max_queued:
             self.dropped += 1
-            self.errors["queue_full"] += 1
+            self.errors[ErrorKind.QUEUE_FULL] += 1
             return Offer.DROPPED
         self.queued.append(message)
         self.refill(now)
@@ -110,49 +152,55 @@ class WorkerSlot:
             self.inflight[message.id] = message
             self.outgoing.append(message)
 
-    def finished(self, message_id: int, now: float, seconds: float) -> bool:
-        """The process finished `message_id` after `seconds` of handling; True when this slot was waiting for it."""
+    def finished(self, message_id: int, now: float, seconds: float, failed: bool) -> Message | None:
+        """The process finished `message_id` after `seconds` of handling (its handler raised: `failed`); the
+        message, when this slot was waiting for it."""
         self.handled += 1
+        if self.facts.last_run_ok is None:  # a worker that reports its runs is judged by them, not by messages
+            self.outcomes.append(not failed)
         self.progress_at = now
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
-        return self.inflight.pop(message_id, None) is not None
+        return self.inflight.pop(message_id, None)
 
-    def take_back_unfinished(self) -> Message | None:
-        """After the process died: put its unfinished messages back at the front of the queue.
+    def take_back_unfinished(self, in_handler: int) -> Message | None:
+        """After the process died: put its unfinished messages back at the front of the queue, in order, each
+        delivered again (`attempt` grows).
 
-        The oldest one was in the handler: it comes back marked redelivered (its attempt grows), or, once it has
-        been in the handler during `dead_letter_after_crashes` deaths, it is returned instead, to be dead-lettered.
-        The others were never started and keep their attempt.
+        `in_handler` is the id of the message the process was handling when it died (0: none, it died between
+        messages). That message alone is blamed: its `crashes` grows, and once it reaches
+        `dead_letter_after_crashes` it is returned instead of queued, to be dead-lettered. The others were finished
+        (their reports died with the process) or not started, and carry no blame.
         """
-        if not self.inflight:
-            return None
-        head, *rest = self.inflight.values()
-        self.inflight.clear()
+        limit = self.settings.supervision.dead_letter_after_crashes
         poison = None
-        if head.attempt >= self.settings.supervision.dead_letter_after_crashes:
-            poison, again = head, rest
-            self.dead_letters += 1
-        else:
-            again = [msgspec.structs.replace(head, attempt=head.attempt + 1), *rest]
+        again = []
+        for message in self.inflight.values():
+            crashes = message.crashes + 1 if message.id == in_handler else message.crashes
+            if crashes >= limit:
+                poison = msgspec.structs.replace(message, crashes=crashes)
+                self.dead_letters += 1
+            else:
+                again.append(msgspec.structs.replace(message, attempt=message.attempt + 1, crashes=crashes))
+        self.inflight.clear()
         self.queued.extendleft(reversed(again))
         return poison
 
-    def drop_queued(self) -> list[int]:
-        """Drop (and count) everything queued; returns the ids, which nobody here will handle."""
-        ids = [message.id for message in self.queued]
-        self.dropped += len(ids)
+    def drop_queued(self) -> list[Message]:
+        """Drop (and count) everything queued; returns those messages, which nobody here will handle."""
+        dropped = list(self.queued)
+        self.dropped += len(dropped)
         self.queued.clear()
-        return ids
+        return dropped
 
-    def overdue(self, now: float) -> tuple[str, str] | None:
+    def overdue(self, now: float) -> tuple[RestartReason, str] | None:
         """(reason, detail) when the process looks hung: stuck on a message past its deadline, or silent past the
         heartbeat timeout while idle; None while it looks alive."""
         policy = self.settings.supervision
         if self.process is None or self.state is WorkerState.STOPPING or self.kill_reason is not None:
             return None
         if self.inflight and now - self.progress_at > policy.message_deadline_seconds:
-            return "deadline", f"spent more than {policy.message_deadline_seconds:g} s on a message"
+            return RestartReason.DEADLINE, f"spent more than {policy.message_deadline_seconds:g} s on a message"
         if not self.inflight and now - self.last_seen > policy.heartbeat_timeout_seconds:
-            return "heartbeat", f"sent no heartbeat for {policy.heartbeat_timeout_seconds:g} s"
+            return RestartReason.HEARTBEAT, f"sent no heartbeat for {policy.heartbeat_timeout_seconds:g} s"
         return None

@@ -55,6 +55,7 @@ class StatusReporter:
         self._available: dict[str, bool] = {}
         self._last: Status | None = None
         self._last_sent = 0.0
+        self._stopped = False  # the final document is out: nothing may replace it
 
     def start(self) -> None:
         self.loop.call_later(_CHECK_SECONDS, self._tick)
@@ -64,7 +65,7 @@ class StatusReporter:
 
     def check_availability(self) -> None:
         """Publish the availability of every worker whose running state changed."""
-        if not self.link.connected:
+        if not self.link.connected or self._stopped:
             return
         for name, slot in self.slots.items():
             running = slot.state is WorkerState.RUNNING
@@ -81,16 +82,26 @@ class StatusReporter:
         self._publish_status(force=True)
 
     def stopped(self) -> None:
-        """At shutdown: every worker offline, and the final status."""
+        """At a clean stop, just before the link disconnects: every worker offline, and a last status that says
+        `stopped`, so the retained document tells the truth while the supervisor is away."""
+        self._stopped = True
         for name in self.slots:
             self._available[name] = False
             self.link.publish(self.availability_topic(name), b"offline", qos=1, retain=True)
-        self._publish_status(force=True)
+        if self.link.connected:
+            final = self.snapshot(stopped=True)
+            self.link.publish(f"{self.base}/status", self._encoder.encode(final), qos=1, retain=True)
 
-    def snapshot(self) -> Status:
+    def snapshot(self, stopped: bool = False) -> Status:
+        """The status document now; `stopped`: the last one of a clean stop."""
         workers = {name: _worker_status(slot) for name, slot in self.slots.items()}
-        states = {w.state for w in workers.values()}
-        overall = "error" if "failed" in states else "degraded" if states & {"starting", "backoff"} else "ok"
+        problems = [] if stopped else _problems(self.slots, self.link.connected)
+        if stopped:
+            overall = "stopped"
+        elif any(slot.state is WorkerState.FAILED for slot in self.slots.values()):
+            overall = "error"
+        else:
+            overall = "degraded" if problems else "ok"
 
         def errors_of(kind: str) -> int:
             return sum(w.errors.get(kind, 0) for w in workers.values())
@@ -99,12 +110,15 @@ class StatusReporter:
         events = [w.event_count for w in workers.values() if w.event_count is not None]
 
         return Status(
-            status=overall if self.link.connected else "degraded",
+            status=overall,
+            problems=problems,
             sw_version=self.version,
             last_updated=datetime.now(UTC).isoformat(timespec="seconds"),
             uptime_seconds=int(time.monotonic() - self.started),
             mqtt=MqttStatus(
-                connected=self.link.connected, reconnects=self.link.reconnects, publish_errors=self.link.publish_errors
+                connected=self.link.connected and not stopped,
+                reconnects=self.link.reconnects,
+                publish_errors=self.link.publish_errors,
             ),
             scrape_error_count=errors_of("scrape"),
             ai_error_count=errors_of("ai"),
@@ -120,7 +134,7 @@ class StatusReporter:
         self.loop.call_later(_CHECK_SECONDS, self._tick)
 
     def _publish_status(self, force: bool) -> None:
-        if not self.link.connected:
+        if not self.link.connected or self._stopped:
             return
         status = self.snapshot()
         now = time.monotonic()
@@ -134,6 +148,21 @@ class StatusReporter:
 def _stable(status: Status) -> Status:
     """The status without the fields that change by themselves."""
     return msgspec.structs.replace(status, last_updated="", uptime_seconds=0)
+
+
+def _problems(slots: Mapping[str, WorkerSlot], connected: bool) -> list[str]:
+    """What keeps the status from `ok`, one line each."""
+    problems = [] if connected else ["not connected to the MQTT broker"]
+    for name, slot in slots.items():
+        if slot.state is WorkerState.FAILED:
+            problems.append(f"worker {name} has failed (last: {slot.last_exit}); restart it by command")
+        elif slot.state is WorkerState.BACKOFF:
+            problems.append(f"worker {name} is waiting to be restarted (last: {slot.last_exit})")
+        elif slot.state is WorkerState.STARTING:
+            problems.append(f"worker {name} is starting")
+        elif slot.failing:
+            problems.append(f"worker {name}: its last {len(slot.outcomes)} messages or runs failed")
+    return problems
 
 
 def _worker_status(slot: WorkerSlot) -> WorkerStatus:
@@ -153,9 +182,11 @@ def _worker_status(slot: WorkerSlot) -> WorkerStatus:
         inflight=len(slot.inflight),
         dropped=slot.dropped,
         dead_letters=slot.dead_letters,
+        duplicates=slot.duplicates if slot.settings.supervision.dedupe_seconds else None,
         last_run_ts=last_run,
         last_run_iso=datetime.fromtimestamp(last_run, UTC).isoformat(timespec="seconds") if last_run else None,
         last_run_trigger=facts.last_run_trigger,
+        last_run_ok=facts.last_run_ok,
         interval_seconds=facts.interval_seconds,
         ai_enabled=facts.ai_enabled,
         ai_model=facts.ai_model,

@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import SupervisorFactory, supervisors_on
-from support import Broker, MqttProbe, wait_until
+from support import Broker, MqttProbe, free_port, wait_until
+from test_health import scrape_until
 from test_supervisor import echo, start, started_pids, wait_echo
 
 from supervisor.outbox import REMOVALS_BATCH, Outbox
@@ -118,6 +120,38 @@ def test_worker_to_worker_publications_survive_a_supervisor_kill(
     first.wait()
     supervisors.start(workers)
     wait_until(lambda: heard() >= set(topics), 60, "every forwarded message to reach the listener")
+
+
+@pytest.mark.parametrize("dedupe_seconds", [600, 0])
+def test_an_outbox_replayed_after_a_kill_9_reaches_a_deduplicating_worker_once(
+    tmp_path: Path, prefix: str, request: pytest.FixtureRequest, dedupe_seconds: int
+) -> None:
+    # No broker at all: every tick stays in the outbox (the broker never confirms it), so the second run replays
+    # all of them to the local subscriber, which has handled every one (the metrics show it) before the kill.
+    ticks = 40
+    (tmp_path / "unused").mkdir()
+    nowhere = Broker(tmp_path / "unused")  # never started: a free port that nothing listens on
+    port = free_port()
+    workers = {
+        "ticker": {"out": f"{prefix}/bus", "interval_seconds": 0.01, "count": ticks},
+        "tally": {"topics": [f"{prefix}/bus/#"], "dedupe_seconds": dedupe_seconds},
+    }
+    handled_file = tmp_path / "state" / "workers" / "tally" / "handled.txt"
+    handled = lambda: handled_file.read_text().splitlines() if handled_file.exists() else []  # noqa: E731
+    with supervisors_on(nowhere, tmp_path, prefix, request) as factory:
+        first = factory.start(workers, metrics={"port": port})
+        scrape_until(port, "supervisor_message_handling_seconds_count", ticks, worker="tally")
+        first.signal(signal.SIGKILL)
+        first.wait()
+        factory.start(workers, metrics={"port": port})
+        lines = (2 if dedupe_seconds else 3) * ticks  # the second run's own ticks, and the replays unless dropped
+        wait_until(lambda: len(handled()) >= lines, 30, f"{lines} handled messages")
+        copies = Counter(line.split()[0] for line in handled())
+        if dedupe_seconds:
+            scrape_until(port, "supervisor_worker_duplicates_total", ticks, worker="tally")  # every replay dropped
+            assert sorted(copies.values()) == [1] * 2 * ticks
+        else:  # the replay happened, and without deduplication every replayed tick was handled twice
+            assert sorted(copies.values()) == [1] * ticks + [2] * ticks
 
 
 @pytest.fixture(scope="module")

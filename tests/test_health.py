@@ -61,7 +61,10 @@ def scrape_until(port: int, name: str, expected: float, **labels: str) -> str:
     """Scrape until `name{labels}` has the value `expected`; returns that scrape."""
 
     def attempt() -> str | None:
-        text = scrape(port)
+        try:
+            text = scrape(port)
+        except OSError:  # not serving yet
+            return None
         return text if value(text, name, **labels) == expected else None
 
     result: str = wait_until(attempt, 5, f"{name}{labels} == {expected}")
@@ -167,7 +170,39 @@ def test_a_clean_stop_leaves_every_worker_offline(
     process.signal(signal.SIGTERM)
     assert process.wait() == 0
     assert retained(broker, f"{supervisors.base}/worker/echo/availability") == "offline"
-    assert json.loads(retained(broker, f"{supervisors.base}/status"))["workers"]["echo"]["state"] == "stopped"
+    assert retained(broker, f"{supervisors.base}/availability") == "offline"
+    status = json.loads(retained(broker, f"{supervisors.base}/status"))
+    assert (status["status"], status["mqtt"]["connected"], status["problems"]) == ("stopped", False, [])
+    assert status["workers"]["echo"]["state"] == "stopped"
+
+
+def test_the_status_is_degraded_while_a_workers_every_recent_message_fails_and_ok_again_after(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)})
+    status_topic = f"{supervisors.base}/status"
+    mqtt.wait_for(status_topic, lambda m: m.json()["status"] == "ok")
+    for _ in range(3):
+        mqtt.publish(f"{prefix}/in/x", "raise")
+    degraded = mqtt.wait_for(status_topic, lambda m: m.json()["status"] == "degraded")[-1].json()
+    assert degraded["problems"] == ["worker echo: its last 3 messages or runs failed"]
+    mqtt.publish(f"{prefix}/in/x", "fine")
+    mqtt.wait_for(status_topic, lambda m: m.json()["status"] == "ok", count=2)
+
+
+def test_each_worker_carries_only_the_status_fields_that_apply_to_it(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(
+        supervisors,
+        mqtt,
+        {"echo": echo(prefix), "deduplicating": echo(prefix, "deduplicating", dedupe_seconds=60)},
+    )
+    running_both = lambda m: {w["state"] for w in m.json()["workers"].values()} == {"running"}  # noqa: E731
+    status = mqtt.wait_for(f"{supervisors.base}/status", running_both)[-1].json()
+    echo_fields, dedupe_fields = set(status["workers"]["echo"]), set(status["workers"]["deduplicating"])
+    assert dedupe_fields - echo_fields == {"duplicates"}
+    assert not echo_fields & {"last_run_ts", "last_run_iso", "ai_enabled", "ai_model", "event_count", "duplicates"}
 
 
 # The control API ----------------------------------------------------------------------------------------------------

@@ -77,6 +77,8 @@ def test_worker_receives_what_it_subscribed_to_and_its_publications_reach_the_br
         "retain": False,
         "response_topic": None,
         "attempt": 1,
+        "crashes": 0,
+        "publication_id": None,  # the probe gives none
         "pid": started_pids(mqtt, f"{prefix}/out/echo")[0],
     }
     mqtt.publish(f"{prefix}/elsewhere", "not for echo")
@@ -244,14 +246,16 @@ def test_a_poison_message_is_dead_lettered_and_the_rest_flows(
     mqtt.publish(f"{prefix}/in/fine", "after the poison")
     (letter,) = mqtt.wait_for(f"{supervisors.base}/dead_letter")
     record = letter.json()
-    assert {k: record[k] for k in ("worker", "topic", "payload", "attempts")} == {
+    assert {k: record[k] for k in ("worker", "topic", "payload", "attempts", "crashes")} == {
         "worker": "echo",
         "topic": f"{prefix}/in/poison",
         "payload": "crash",
         "attempts": 2,
+        "crashes": 2,
     }
     assert record["last_exit"] == "exit code 9 (exit)"
-    assert wait_echo(mqtt, f"{prefix}/out/echo", "after the poison")["attempt"] == 1
+    after = wait_echo(mqtt, f"{prefix}/out/echo", "after the poison")
+    assert after["crashes"] == 0  # handed to the dying process too (attempt 2 or 3), but never blamed
 
 
 def test_a_worker_stuck_on_a_message_is_killed_at_its_deadline_and_restarted(
@@ -285,7 +289,7 @@ def test_a_crash_looping_worker_is_marked_failed_and_the_others_go_on(
             "echo": echo(prefix),
         },
     )
-    process.wait_log("worker broken_start failed: more than 2 restarts in 60 s (last: exit code 3 (start_failed))")
+    process.wait_log("worker broken_start failed: more than 2 restarts in 60 s (last: exit code 1 (start_failed))")
     assert process.log().count("worker broken_start starting") == 3
     mqtt.publish(f"{prefix}/in/x", "unaffected")
     wait_echo(mqtt, f"{prefix}/out/echo", "unaffected")

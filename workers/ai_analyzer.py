@@ -289,6 +289,7 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
     the module docstring for what it consumes, produces and touches."""
 
     name = "ai_analyzer"
+    error_kinds = ("ai",)
     Config = AiAnalyzerConfig
 
     def subscriptions(self) -> list[Subscription]:
@@ -428,12 +429,21 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
         for index, result in enumerate(pending.results):
             if result is None:
                 pending.results[index] = fallback_text(pending.task, request.items[index])
-        self._reply(ctx, pending, cached=False, fallback=True, error=why)
+        self._reply(ctx, pending, cached=False, fallback=True, error=why, failed=count_error)
 
     def _reply(
-        self, ctx: Context, pending: _Pending, *, cached: bool, fallback: bool = False, error: str | None = None
+        self,
+        ctx: Context,
+        pending: _Pending,
+        *,
+        cached: bool,
+        fallback: bool = False,
+        error: str | None = None,
+        failed: bool = False,
     ) -> None:
+        """Reply to a request; `failed`: the model let it down (each request is one run for the status)."""
         pending.replied = True
+        ctx.report_status(last_run_ok=not failed)
         self.pending.discard(pending)
         if pending.deadline is not None:
             pending.deadline.cancel()

@@ -202,6 +202,7 @@ class Job:
     running: Trigger | None = None  # the trigger of the run under way
     started: float = 0.0
     rerun: Trigger | None = None  # a trigger that came during the run: one more run after it
+    failed: bool = False  # the run under way raised
     waiting: AiRequest | None = None  # an analysis waiting for ai_analyzer's phrasing
     analysis: Analysis | None = None
     ai_timer: Timer | None = None
@@ -215,6 +216,7 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
     the module docstring for what it consumes, produces and touches."""
 
     name = "batch_scheduler"
+    error_kinds = ("analysis", "retention", "recording", "state")
     Config = BatchSchedulerConfig
 
     def subscriptions(self) -> list[Subscription]:
@@ -343,7 +345,8 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
         job.state.last_run_ts, job.state.last_trigger = job.started, trigger
         self._save_states(ctx)
         if job.config.task == "analysis":
-            self._report_last_run(ctx)
+            self._report_last_run(ctx, ok=not job.failed)
+        job.failed = False
         if job.rerun is not None:
             rerun, job.rerun = job.rerun, None
             self._trigger(ctx, job, rerun)
@@ -363,6 +366,7 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
             ctx.report_error(job.config.task, f"job {job.name}: {type(exc).__name__}: {exc}")
             if job.running is not None:
                 job.waiting = job.analysis = None
+                job.failed = True
                 self._finish(ctx, job)
 
     def _pruned(self, ctx: Context, job: Job, done: Future[int]) -> None:
@@ -447,7 +451,8 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
     def _analysis_jobs(self) -> list[Job]:
         return [job for job in self.jobs.values() if job.config.task == "analysis"]
 
-    def _report_last_run(self, ctx: Context) -> None:
+    def _report_last_run(self, ctx: Context, ok: bool | None = None) -> None:
+        """Report the latest analysis run; `ok`: whether the run just finished did its work (None: no run)."""
         jobs = self._analysis_jobs()
         if not jobs:
             return
@@ -455,6 +460,7 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
         ctx.report_status(
             last_run_ts=last.state.last_run_ts,
             last_run_trigger=last.state.last_trigger,
+            last_run_ok=ok,
             interval_seconds=last.schedule.period(ctx.now()),
         )
 

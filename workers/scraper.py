@@ -149,6 +149,7 @@ class Scraper(Worker[ScraperConfig]):
     """Scrapes dated items from web pages on an interval and on demand; see the module docstring."""
 
     name = "scraper"
+    error_kinds = ("scrape",)
     Config = ScraperConfig
 
     def on_start(self, ctx: Context) -> None:
@@ -235,7 +236,9 @@ class Scraper(Worker[ScraperConfig]):
             next_run=None if due is None else _iso(due, self.zone),
         )
         ctx.publish(self.topics.last_run, _encoder.encode(last_run), qos=1, retain=True)
-        ctx.report_status(last_run_ts=now, last_run_trigger=trigger, event_count=len(self.upcoming(ctx)))
+        ctx.report_status(
+            last_run_ts=now, last_run_trigger=trigger, last_run_ok=not failed, event_count=len(self.upcoming(ctx))
+        )
         self.forget_old_short_titles()
         save_state(ctx.state_dir / STATE_FILE, self.state)
         self.ask_for_short_titles(ctx)

@@ -3,6 +3,7 @@
 Consumes: every topic in `topics`. Produces: `<out>/started` (its pid) on start, and for each message a JSON reply
 on `<out>/echo`, unless the payload is a command:
 - `crash` exits the process at once; `crash_once:<path>` does so only if `<path>` does not exist yet (creating it);
+  `exit:<code>` calls `sys.exit(code)` (a worker ending itself, which is a crash for any code but 0);
 - `raise` raises in the handler; `json:<text>` parses `<text>` as JSON first (failing as a worker does on a payload
   it cannot decode);
 - `hang` sleeps for an hour; `sleep:<seconds>` sleeps, then replies;
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -69,6 +71,8 @@ class Echo(Worker[EchoConfig]):
             if not marker.exists():
                 marker.touch()
                 os._exit(9)
+        if text.startswith("exit:"):
+            sys.exit(int(text.removeprefix("exit:")))
         if text == "raise":
             raise RuntimeError("asked to raise")
         if text == "hang":
@@ -108,6 +112,8 @@ class Echo(Worker[EchoConfig]):
             "retain": message.retain,
             "response_topic": message.response_topic,
             "attempt": message.attempt,
+            "crashes": message.crashes,
+            "publication_id": getattr(message, "publication_id", None),
             "pid": os.getpid(),
         }
         ctx.publish(f"{self.config.out}/echo", json.dumps(reply), qos=self.config.qos)
