@@ -144,6 +144,7 @@ class Received:
         properties = msg.properties
         self.expiry = getattr(properties, "MessageExpiryInterval", None) if properties else None
         self.correlation_data = getattr(properties, "CorrelationData", None) if properties else None
+        self.user_properties = dict(getattr(properties, "UserProperty", [])) if properties else {}
 
     @property
     def text(self) -> str:
@@ -211,14 +212,17 @@ class MqttProbe:
         retain: bool = False,
         response_topic: str | None = None,
         correlation_data: bytes | None = None,
+        user_properties: dict[str, str] | None = None,
     ) -> None:
         properties = None
-        if response_topic or correlation_data:
+        if response_topic or correlation_data or user_properties:
             properties = Properties(PacketTypes.PUBLISH)
             if response_topic:
                 properties.ResponseTopic = response_topic
             if correlation_data:
                 properties.CorrelationData = correlation_data
+            if user_properties:
+                properties.UserProperty = list(user_properties.items())
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos:
             info.wait_for_publish(10)

@@ -7,6 +7,7 @@ unfinished; which one was in the handler is known exactly (see `supervisor.runti
 from __future__ import annotations
 
 import os
+import random
 import signal
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,27 @@ def test_a_failed_start_is_reported_as_such(supervisors: SupervisorFactory, mqtt
     assert set(worker["restart_reasons"]) == {"start_failed"}
     assert worker["last_exit"].endswith("(start_failed)")
     assert worker["errors"]["start"] >= 1
+
+
+def test_a_soak_of_2000_messages_with_random_crashes_dead_letters_exactly_the_poison_and_loses_nothing(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, tmp_path: Path
+) -> None:
+    out = f"{prefix}/out/echo"
+    supervision = {"max_restarts": 1000, "backoff_min_seconds": 0.01, "backoff_max_seconds": 0.02}
+    start(supervisors, mqtt, {"echo": echo(prefix, qos=1, dead_letter_after_crashes=3, **supervision)})
+    rng = random.Random(16)
+    payloads = [f"m{i}" for i in range(2000)]
+    crash_once = rng.sample(range(2000), 25)
+    for position in crash_once:
+        payloads[position] = f"crash_once:{tmp_path / f'marker-{position}'}"
+    poison = rng.sample(sorted(set(range(2000)) - set(crash_once)), 2)
+    for n, position in enumerate(poison):
+        payloads[position] = f"crash:{n}"  # `crash...` exits every time
+    for payload in payloads:
+        mqtt.client.publish(f"{prefix}/in/x", payload, qos=1)
+    fine = set(payloads) - {payloads[p] for p in poison}
+    wait_until(lambda: {e["payload"] for e in echoes(mqtt, out)} >= fine, 60, "every message but the poison")
+    mqtt.wait_for(f"{supervisors.base}/dead_letter", count=2)
+    assert sorted(letter["payload"] for letter in dead_letters(mqtt, supervisors.base)) == ["crash:0", "crash:1"]
+    assert {letter["crashes"] for letter in dead_letters(mqtt, supervisors.base)} == {3}
+    assert len(started_pids(mqtt, out)) == 1 + 25 + 2 * 3

@@ -154,6 +154,41 @@ def test_an_outbox_replayed_after_a_kill_9_reaches_a_deduplicating_worker_once(
             assert sorted(copies.values()) == [1] * ticks + [2] * ticks
 
 
+@pytest.mark.parametrize("protocol", [5, 311])
+def test_every_publication_carries_a_publication_id_under_mqtt_5(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, protocol: int
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix, qos=1)}, {"mqtt": {"protocol": protocol}})
+    for payload in ("a", "b"):
+        mqtt.publish(f"{prefix}/in/x", payload)
+        wait_echo(mqtt, f"{prefix}/out/echo", payload)
+    ids = [m.user_properties.get("publication-id") for m in mqtt.received(f"{prefix}/out/echo/echo")]
+    status = mqtt.wait_for(f"{supervisors.base}/status")[-1]
+    if protocol == 5:
+        assert all(ids) and len(set(ids)) == 2
+        assert status.user_properties.get("publication-id") not in (None, *ids)
+    else:  # MQTT 3.1.1 has no properties: nothing carries an id, so nothing from the broker is ever deduplicated
+        assert ids == [None, None] and status.user_properties == {}
+
+
+def test_a_deduplicating_worker_handles_a_repeated_publication_once_and_messages_without_an_id_every_time(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix, qos=1, dedupe_seconds=60)})
+    for _ in range(2):
+        mqtt.publish(f"{prefix}/in/x", "repeated", user_properties={"publication-id": "abc-1"})
+        mqtt.publish(f"{prefix}/in/x", "without an id")
+    mqtt.publish(f"{prefix}/in/x", "marker", user_properties={"publication-id": "abc-2"})
+    wait_echo(mqtt, f"{prefix}/out/echo", "marker")
+    out = f"{prefix}/out/echo"
+    assert len(echoes_of(mqtt, prefix, "without an id")) == 2
+    (repeated,) = echoes_of(mqtt, prefix, "repeated")
+    assert repeated["publication_id"] == "abc-1"
+    status = mqtt.wait_for(f"{supervisors.base}/status", lambda m: m.json()["workers"]["echo"].get("duplicates"))
+    assert status[-1].json()["workers"]["echo"]["duplicates"] == 1
+    assert len(mqtt.received(f"{out}/echo")) == 4
+
+
 @pytest.fixture(scope="module")
 def persistent_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """A broker that keeps sessions and queued messages across its own restarts."""

@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import Broker, MqttProbe, free_port, wait_until
 from test_supervisor import echo, retained, start, started_pids, wait_echo
 
+from supervisor.slot import ErrorKind, RestartReason
+
 ROOT = Path(__file__).resolve().parent.parent
 SPEC_METRICS = {
     "supervisor_worker_errors_total": {"worker", "kind"},
@@ -92,11 +94,25 @@ def test_every_spec_metric_is_served_with_live_values(
     assert value(text, "supervisor_worker_up", worker="echo") == 1
     assert value(text, "supervisor_worker_errors_total", worker="idle", kind="handler") == 0  # pre-initialised
     assert value(text, "supervisor_worker_restarts_total", worker="idle", reason="killed") == 0
+    kinds = {dict(labels)["kind"] for name, labels in samples(text) if name == "supervisor_worker_errors_total"}
+    reasons = {dict(labels)["reason"] for name, labels in samples(text) if name == "supervisor_worker_restarts_total"}
+    assert kinds == {kind.value for kind in ErrorKind}  # every one, "stop" too, before the first happens
+    assert reasons == {reason.value for reason in RestartReason}  # "normal" too
     assert value(text, "supervisor_mqtt_connected") == 1
     assert value(text, "supervisor_message_handling_seconds_count", worker="echo") >= 2
     assert value(text, "supervisor_worker_resident_memory_bytes", worker="echo") > 1_000_000
     assert value(text, "supervisor_build_info", version="0.1.0") == 1
     assert not any(name.endswith("_created") for name, _ in samples(text))
+
+
+def test_a_workers_own_error_kinds_are_served_at_zero_from_the_start(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    port = free_port()
+    workers = {"ai_analyzer": {"ai_enabled": False}}
+    supervisors.start(workers, metrics={"port": port}, supervisor={"worker_packages": ["workers"]})
+    text = scrape_until(port, "supervisor_worker_up", 1, worker="ai_analyzer")
+    assert value(text, "supervisor_worker_errors_total", worker="ai_analyzer", kind="ai") == 0
 
 
 def test_promtool_accepts_the_metrics(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
@@ -310,6 +326,7 @@ def test_systemd_hears_ready_watchdog_and_stopping(
             {"echo": echo(prefix)},
             environment={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"},
         )
+
         def receive() -> str:
             return listener.recv(4096).decode()
 

@@ -2,7 +2,7 @@
 
 Consumes: every topic in `topics`. Produces: `<out>/started` (its pid) on start, and for each message a JSON reply
 on `<out>/echo`, unless the payload is a command:
-- `crash` exits the process at once; `crash_once:<path>` does so only if `<path>` does not exist yet (creating it);
+- `crash` (or `crash:<anything>`) exits the process at once; `crash_once:<path>` does so only if `<path>` does not exist yet (creating it);
   `exit:<code>` calls `sys.exit(code)` (a worker ending itself, which is a crash for any code but 0);
 - `raise` raises in the handler; `json:<text>` parses `<text>` as JSON first (failing as a worker does on a payload
   it cannot decode);
@@ -64,7 +64,7 @@ class Echo(Worker[EchoConfig]):
     def on_message(self, ctx: Context, message: Message) -> None:
         text = message.payload.decode(errors="replace")
         time.sleep(self.config.delay_seconds)
-        if text == "crash":
+        if text == "crash" or text.startswith("crash:"):
             os._exit(9)
         if text.startswith("crash_once:"):
             marker = Path(text.removeprefix("crash_once:"))
