@@ -2,7 +2,8 @@
 
 Consumes: every topic in `topics`. Produces: `<out>/started` (its pid) on start, and for each message a JSON reply
 on `<out>/echo`, unless the payload is a command:
-- `crash` (or `crash:<anything>`) exits the process at once; `crash_once:<path>` does so only if `<path>` does not exist yet (creating it);
+- `crash` (or `crash:<anything>`) exits the process at once; `crash_once:<path>` does so only if `<path>` does not
+  exist yet (creating it);
   `exit:<code>` calls `sys.exit(code)` (a worker ending itself, which is a crash for any code but 0);
 - `raise` raises in the handler; `json:<text>` parses `<text>` as JSON first (failing as a worker does on a payload
   it cannot decode);
