@@ -3,6 +3,8 @@
 `+` matches one level, `#` (last) matches any number of levels including none, and topics starting with `$` are not
 matched by a filter that starts with a wildcard. A shared subscription `$share/<group>/<filter>` matches as
 `<filter>`. Used by the supervisor's router and by workers that take several filters and dispatch on them.
+`publish_topic_problem` says whether a topic can be published to at all (the broker drops the connection of a
+client that publishes to an invalid one).
 """
 
 from __future__ import annotations
@@ -30,3 +32,19 @@ def match_levels(levels: list[str], topic: list[str]) -> bool:
         if index >= len(topic) or (level != "+" and level != topic[index]):
             return False
     return len(levels) == len(topic)
+
+
+MAX_TOPIC_BYTES = 65535  # MQTT: a two-byte length
+
+
+def publish_topic_problem(topic: str) -> str | None:
+    """Why `topic` cannot be published to (empty, a wildcard, a NUL character, too long), or None when it can."""
+    if not topic:
+        return "the topic is empty"
+    if "+" in topic or "#" in topic:
+        return f"the topic {topic[:200]!r} contains a wildcard (+ or #)"
+    if "\0" in topic:
+        return f"the topic {topic[:200]!r} contains a NUL character"
+    if len(topic.encode(errors="surrogatepass")) > MAX_TOPIC_BYTES:
+        return f"the topic is longer than {MAX_TOPIC_BYTES} bytes"
+    return None

@@ -28,11 +28,14 @@ class Subscription(msgspec.Struct, frozen=True):
 
     `commands=True` marks a filter whose messages are commands: a retained message there is a stale command (the
     broker replays it to every new subscriber), so the supervisor drops and counts it instead of delivering it.
+    `local=True` marks a filter for what only the supervisor and its workers exchange: it is never subscribed at the
+    broker, and a copy from the broker is never delivered through it (no other client can forge such a message).
     """
 
     topic_filter: str
     qos: int = 0
     commands: bool = False
+    local: bool = False
 
 
 class Site(msgspec.Struct, frozen=True, kw_only=True):

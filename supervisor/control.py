@@ -15,9 +15,14 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import msgspec
+
 from contracts import Message
+from contracts.decoding import BoundedJson
 
 log = logging.getLogger("supervisor")
+
+_request_decoder: BoundedJson[Any] = BoundedJson(max_bytes=64 * 1024)  # a request is a few dozen bytes
 
 NAME = "supervisor"  # the router's name for the supervisor's own subscriptions; no worker may take it
 
@@ -92,8 +97,8 @@ class ControlAPI:
         if action not in commands:
             raise ControlError(f"unknown action {action!r}; expected one of: republish, restart, start, status, stop")
         try:
-            request = json.loads(payload or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            request = _request_decoder.decode(payload or b"{}")
+        except msgspec.DecodeError as exc:
             raise ControlError(f'expected JSON like {{"worker": "<name>"}}, got {payload[:80]!r}: {exc}') from None
         worker = request.get("worker") if isinstance(request, dict) else None
         if not isinstance(worker, str):

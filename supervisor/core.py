@@ -6,7 +6,11 @@ worker. Workers that exit are restarted by their policy (see `supervision`), wor
 overrun a message's deadline are killed and restarted, and SIGTERM/SIGINT stop everything cleanly.
 
 Failure policy: a worker's death never stops the supervisor, except a `significant` worker exceeding its restart
-intensity, which shuts the supervisor down with exit code 1 so the service manager restarts it whole.
+intensity, which shuts the supervisor down with exit code 1 so the service manager restarts it whole. An exception
+in one of the loop's callbacks (a bug, or input nothing foresaw) costs that callback only: it is logged with its
+traceback and counted (`supervisor_loop_errors_total`), and the loop goes on. Three kinds stop the supervisor
+(exit code 1), because its state is known to be broken: StateBrokenError, sqlite3.Error (the outbox or the
+handled-ids file cannot be written: going on would break the at-least-once promise), and MemoryError.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import itertools
 import logging
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -49,7 +54,7 @@ from supervisor.control import ControlAPI, ControlError
 from supervisor.dedupe import Deduplicator, Window
 from supervisor.delivery import Deliveries
 from supervisor.discovery import node_id, supervisor_entities
-from supervisor.errors import ConfigError
+from supervisor.errors import ConfigError, StateBrokenError
 from supervisor.loop import Loop
 from supervisor.metrics import MetricsServer
 from supervisor.mqtt import Incoming, MqttLink
@@ -104,7 +109,8 @@ class Supervisor:
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
-        self.loop = Loop(clock)
+        self.loop = Loop(clock, on_error=self._loop_failed)
+        self.loop_errors = 0  # callbacks of the loop that raised and were survived
         self.router = Router()
         self.link = MqttLink(settings.mqtt, settings.password, self.loop, self)
         self.site = site_of(settings)
@@ -112,7 +118,8 @@ class Supervisor:
         self.slots = {w.name: WorkerSlot(w, RestartTracker(w.supervision)) for w in settings.workers}
         for slot in self.slots.values():
             for subscription in worker_subscriptions(slot.settings, self.site):
-                self.router.add(slot.name, [subscription.topic_filter], subscription.qos, subscription.commands)
+                s = subscription
+                self.router.add(slot.name, [s.topic_filter], s.qos, commands=s.commands, local=s.local)
         self.control = ControlAPI(settings.supervisor.base_topic, self, self._reply)
         self.router.add(control.NAME, self.control.filters, qos=1, commands=True)
         # Subscription identifiers cost paho a properties parse per message: sent only while two filters overlap.
@@ -144,6 +151,13 @@ class Supervisor:
         )
 
     # Running ------------------------------------------------------------------------------------------------------
+
+    def _loop_failed(self, exc: Exception) -> None:
+        """A callback of the loop raised: see the failure policy in the module docstring."""
+        if isinstance(exc, (StateBrokenError, sqlite3.Error, MemoryError)):
+            raise exc
+        self.loop_errors += 1
+        log.error("unexpected error in the supervisor's loop (survived, counted)", exc_info=exc)
 
     def run(self) -> int:
         """Start everything, run until stopped, and return the process exit code."""
@@ -283,7 +297,8 @@ class Supervisor:
                     if self.dedupe is not None:
                         self._dedupe_finished(slot.name, message, handled=True)
             case Publish():
-                self.publisher.publish(slot.name, envelope)
+                if not self.publisher.publish(slot.name, envelope):
+                    slot.errors[ErrorKind.PUBLISH] += 1
             case ErrorReported(kind=kind):
                 slot.errors[kind] += 1
             case StartFailed(error=error):
@@ -675,7 +690,9 @@ class Supervisor:
             routes = tuple((worker, number) for worker, number in routes if number in message.subscription_ids)
         receivers = []
         for worker, number in routes:
-            if len(message.payload) > self.settings.mqtt.max_payload_bytes:
+            if self.router.is_local(worker, number):
+                log.warning("dropped a message from the broker on %s: it is local to the supervisor", message.topic)
+            elif len(message.payload) > self.settings.mqtt.max_payload_bytes:
                 self._bad_input(worker, "oversized", message.topic, f"{len(message.payload)} bytes")
             elif message.retain and self.router.is_command(worker, number):
                 self._bad_input(worker, "retained_command", message.topic, "a retained message on a command topic")

@@ -43,3 +43,8 @@ class OutboxInUseError(SupervisorError):
             f"the outbox {path} is in use by another process (a second supervisor with the same state_dir?); "
             "give each supervisor its own [supervisor] state_dir"
         )
+
+
+class StateBrokenError(SupervisorError):
+    """Raised when the supervisor can no longer keep its promises (its outbox cannot be written): the loop stops and
+    the supervisor exits with status 1, so the service manager starts it afresh."""

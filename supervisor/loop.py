@@ -2,6 +2,10 @@
 
 Each wake-up runs every ready callback, then every due timer, then the `after_wakeup` hooks (where the supervisor
 writes what the callbacks queued, once per wake-up rather than once per message).
+
+Failure policy: an exception from a callback is handed to the loop's `on_error`, which decides: the supervisor's
+logs and counts it and the loop goes on with the next callback, unless the exception says its state is broken (see
+`supervisor.core`); without an `on_error` it propagates.
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ class TimerHandle:
 class Loop:
     """Selector loop with timers. `clock` is monotonic seconds and may be replaced in tests."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, on_error: Callable[[Exception], None] | None = None
+    ) -> None:
         self.clock = clock
+        self.on_error = on_error
         self._selector = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._sequence = itertools.count()
@@ -79,20 +86,34 @@ class Loop:
             if callbacks is None:
                 continue  # unregistered by an earlier callback of this wake-up
             on_readable, on_writable = callbacks
-            if events & selectors.EVENT_READ and on_readable is not None:
-                on_readable()
-            if events & selectors.EVENT_WRITE and on_writable is not None and key.fd in self._callbacks:
-                on_writable()
+            try:
+                if events & selectors.EVENT_READ and on_readable is not None:
+                    on_readable()
+                if events & selectors.EVENT_WRITE and on_writable is not None and key.fd in self._callbacks:
+                    on_writable()
+            except Exception as exc:  # policy: see the module docstring
+                self._failed(exc)
         self._run_due_timers()
         for callback in self._after_wakeup:
-            callback()
+            try:
+                callback()
+            except Exception as exc:  # policy: see the module docstring
+                self._failed(exc)
 
     def _run_due_timers(self) -> None:
         now = self.clock()
         while self._timers and self._timers[0][0] <= now:
             _, _, handle = heapq.heappop(self._timers)
             if not handle.cancelled:
-                handle.callback()
+                try:
+                    handle.callback()
+                except Exception as exc:  # policy: see the module docstring
+                    self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        if self.on_error is None:
+            raise exc
+        self.on_error(exc)
 
     def _set(self, file: FileLike | int, slot: int, callback: Callback | None) -> None:
         fd = file if isinstance(file, int) else file.fileno()

@@ -34,6 +34,7 @@ class Observed(Protocol):
     """What the collector reads: the supervisor's state."""
 
     version: str
+    loop_errors: int
 
     @property
     def slots(self) -> Mapping[str, WorkerSlot]: ...
@@ -64,6 +65,9 @@ class SupervisorCollector(Collector):
         outbox = GaugeMetricFamily(PREFIX + "outbox_messages", "Publications in the outbox not yet fully delivered.")
         outbox.add_metric([], self.observed.outbox_backlog)
         yield outbox
+        loop = CounterMetricFamily(PREFIX + "loop_errors", "Unexpected errors in the supervisor's loop, survived.")
+        loop.add_metric([], self.observed.loop_errors)
+        yield loop
         info = GaugeMetricFamily(PREFIX + "build_info", "The running version.", labels=["version"])
         info.add_metric([self.observed.version], 1)
         yield info

@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from contracts.topics import publish_topic_problem
 from supervisor.config import MqttConfig, Secret
 from supervisor.loop import Loop, TimerHandle
 
@@ -315,6 +316,11 @@ class MqttLink:
         """
         if qos == 0 and not self.connected:
             self.publish_errors += 1
+            return None
+        problem = publish_topic_problem(topic)
+        if problem is not None:  # paho would raise, and a broker drops the connection for it
+            self.publish_errors += 1
+            log.warning("refused to publish: %s", problem)
             return None
         properties = None
         if self._v5:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from contracts import Message, Publish
+from contracts.topics import publish_topic_problem
 from supervisor.config import Settings
 from supervisor.delivery import Deliveries
 from supervisor.mqtt import MqttLink
@@ -69,11 +70,16 @@ class Publisher:
             self.deliveries.expect_outbound(message_id, row, parts)
             self._deliver(message_id, receivers, publication, publication_id or self.link.new_publication_id())
 
-    def publish(self, source: str, publication: Publish) -> None:
-        """Deliver what worker `source` published."""
+    def publish(self, source: str, publication: Publish) -> bool:
+        """Deliver what worker `source` published; False when its topic cannot be published to (refused, logged,
+        never stored: a broker drops the connection of a client that publishes to such a topic)."""
+        problem = publish_topic_problem(publication.topic)
+        if problem is not None:
+            log.warning("refused a publication of %s: %s", source, problem)
+            return False
         if publication.qos > 0:
             self._publish_durably(source, publication)
-            return
+            return True
         receivers = self._local_receivers(source, publication)
         publication_id = self.link.new_publication_id()
         if receivers:
@@ -84,6 +90,7 @@ class Publisher:
                 self.offer(name, message)
         if not publication.local_only:
             self._send(publication, publication_id)
+        return True
 
     def dead_letter(self, worker: str, message: Message, last_exit: str | None) -> None:
         """Publish `message`, which kept killing `worker`, on `<base>/dead_letter`, durably."""

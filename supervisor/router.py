@@ -83,8 +83,12 @@ class Router:
         self._filters: dict[str, tuple[int, int]] = {}  # filter -> (number, highest qos)
         self._cache: dict[str, tuple[tuple[str, int], ...]] = {}
         self._commands: set[tuple[str, int]] = set()  # (worker, filter number) whose messages are commands
+        self._local: set[tuple[str, int]] = set()  # (worker, filter number) that takes local messages only
+        self._broker: set[str] = set()  # the filters some worker takes from the broker
 
-    def add(self, worker: str, topic_filters: Iterable[str], qos: int = 0, commands: bool = False) -> None:
+    def add(
+        self, worker: str, topic_filters: Iterable[str], qos: int = 0, commands: bool = False, local: bool = False
+    ) -> None:
         for topic_filter in topic_filters:
             check_filter(topic_filter)
             number, known_qos = self._filters.get(topic_filter, (len(self._filters) + 1, 0))
@@ -92,6 +96,10 @@ class Router:
             self._routes.append((_levels(topic_filter), worker, number))
             if commands:
                 self._commands.add((worker, number))
+            if local:
+                self._local.add((worker, number))
+            else:
+                self._broker.add(topic_filter)
         self._cache.clear()
 
     def routes_to(self, worker: str, topic_filter: str) -> bool:
@@ -107,6 +115,10 @@ class Router:
     def is_command(self, worker: str, number: int) -> bool:
         """True when `worker` takes the topic through a filter it marked as carrying commands."""
         return (worker, number) in self._commands
+
+    def is_local(self, worker: str, number: int) -> bool:
+        """True when `worker` takes the topic through a filter for local messages only (never from the broker)."""
+        return (worker, number) in self._local
 
     def route(self, topic: str) -> tuple[tuple[str, int], ...]:
         """(worker, filter number) for each worker subscribed to `topic`, each worker once, in the order added."""
@@ -133,8 +145,9 @@ class Router:
         return any(overlap(f, g) for i, f in enumerate(filters) for g in filters[i + 1 :])
 
     def broker_filters(self, numbered: bool) -> list[tuple[str, int, int]]:
-        """(filter, qos, number) to subscribe to: every filter when `numbered`, else only those no other covers."""
-        filters = [(f, qos, number) for f, (number, qos) in self._filters.items()]
+        """(filter, qos, number) to subscribe to: every filter some worker takes from the broker when `numbered`,
+        else only those no other covers."""
+        filters = [(f, qos, number) for f, (number, qos) in self._filters.items() if f in self._broker]
         if numbered:
             return filters
         kept = []

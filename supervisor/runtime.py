@@ -59,6 +59,7 @@ from contracts import (
     WorkerFacts,
 )
 from contracts.homeassistant import Availability, Button, Device, Entity, Origin, declared
+from contracts.topics import publish_topic_problem
 from supervisor.channel import Channel, ChannelClosed
 from supervisor.loop import Loop
 from supervisor.router import InvalidTopicFilter, check_filter
@@ -235,6 +236,10 @@ class WorkerContext:
         expiry: int | None = None,
         local_only: bool = False,
     ) -> None:
+        problem = publish_topic_problem(topic)
+        if problem is not None:  # the broker would drop the supervisor's connection for it
+            self.report_error("publish", f"publication refused: {problem}")
+            return
         data = payload.encode() if isinstance(payload, str) else bytes(payload)
         self.outgoing.append(
             Publish(topic=topic, payload=data, qos=qos, retain=retain, expiry=expiry, local_only=local_only)

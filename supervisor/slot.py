@@ -49,6 +49,7 @@ class ErrorKind(StrEnum):
     QUEUE_FULL = "queue_full"  # QoS 0 dropped for a full queue
     DEADLINE = "deadline"  # killed: one message took longer than message_deadline_seconds
     HEARTBEAT = "heartbeat"  # killed: no heartbeat for heartbeat_timeout_seconds
+    PUBLISH = "publish"  # a publication refused: its topic cannot be published to
 
 
 class RestartReason(StrEnum):

@@ -26,9 +26,11 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
+
+from contracts.decoding import BoundedJson
 
 Reason = Literal["http", "network", "timeout", "malformed", "stopped"]
 _RETRIED_STATUS = frozenset({429, 500, 502, 503, 504})
@@ -59,7 +61,9 @@ class _ChatCompletion(msgspec.Struct):
     choices: list[_Choice]
 
 
-_completion_decoder = msgspec.json.Decoder(_ChatCompletion)
+# A model's reply is outside input, however friendly the model.
+_completion_decoder: BoundedJson[_ChatCompletion] = BoundedJson(_ChatCompletion)
+_any_decoder: BoundedJson[Any] = BoundedJson()
 
 
 def answer_text(body: bytes) -> str:
@@ -92,8 +96,8 @@ def parse_answer(text: str, count: int) -> list[str]:
         body = body.split("\n", 1)[-1].rsplit("```", 1)[0].strip()
     results: list[str] | None = None
     if body.startswith("["):
-        with contextlib.suppress(ValueError):
-            parsed = json.loads(body)
+        with contextlib.suppress(ValueError, msgspec.DecodeError):
+            parsed = _any_decoder.decode(body.encode())
             if isinstance(parsed, list) and all(isinstance(x, str) for x in parsed):
                 results = [x.strip() for x in parsed]
     if results is None:

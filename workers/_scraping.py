@@ -21,6 +21,8 @@ from zoneinfo import ZoneInfo
 import cssselect
 import msgspec
 
+from contracts.decoding import BoundedJson
+
 Category = Literal["network", "http_status", "parse"]
 REQUIRED_FIELDS = ("title", "date")
 _YEARLESS_AFTER = timedelta(days=31)  # a date without a year is at most this far in the past
@@ -298,9 +300,12 @@ def _html_records(source: Source, page: Page) -> list[Record]:
     return records
 
 
+_page_decoder: BoundedJson[Any] = BoundedJson()  # the size is bounded by the fetch
+
+
 def _json_records(source: Source, page: Page) -> list[Record]:
     try:
-        document = msgspec.json.decode(page.body)
+        document = _page_decoder.decode(page.body)
     except msgspec.DecodeError as exc:
         raise ScrapeError("parse", f"not a JSON document: {exc}") from None
     found = _at_path(document, source.items)

@@ -35,6 +35,7 @@ import msgspec
 
 from contracts import Command, Context, Message, Subscription, Timer, Worker
 from contracts.ai import AiReply, AiRequest, request_topic
+from contracts.decoding import BoundedJson
 from contracts.homeassistant import Button, Sensor
 from workers._chat import ChatClient, Endpoint, ModelError, RateLimit
 
@@ -280,7 +281,7 @@ class _Sensors:
     published: dict[str, str] = field(default_factory=dict)
 
 
-_request_decoder = msgspec.json.Decoder(AiRequest)
+_request_decoder: BoundedJson[AiRequest] = BoundedJson(AiRequest)
 _reply_encoder = msgspec.json.Encoder()
 
 

@@ -29,13 +29,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
 from contracts import Command, Context, Message, Subscription, Timer, Trigger, Worker
 from contracts.ai import AiReply, AiRequest, request_topic
+from contracts.decoding import BoundedJson
 from contracts.homeassistant import Button, Entity, Sensor
 from contracts.state import write_atomically
 from workers._cron import Cron, CronSchedule, IntervalSchedule, Schedule, missed_run
@@ -142,13 +143,17 @@ def entity_of(topic: str) -> str:
     return ".".join(levels[-2:])
 
 
+_any_decoder: BoundedJson[Any] = BoundedJson()
+_reply_decoder: BoundedJson[AiReply] = BoundedJson(AiReply)
+
+
 def state_of(payload: bytes) -> str | None:
     """The state in a payload (text, or JSON with a `state`), lower-cased; None for a reading or no state."""
     text = payload.decode(errors="replace").strip()
     if text.startswith("{"):
         try:
-            value = json.loads(text).get("state")
-        except (json.JSONDecodeError, AttributeError):
+            value = _any_decoder.decode(text.encode()).get("state")
+        except (msgspec.DecodeError, AttributeError):
             return None
         text = value.strip() if isinstance(value, str) else ""
     text = text.strip('"').lower()
@@ -252,7 +257,7 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
 
     def on_message(self, ctx: Context, message: Message) -> None:
         if message.topic == self.reply_topic:
-            reply = msgspec.json.decode(message.payload, type=AiReply)
+            reply = _reply_decoder.decode(message.payload)
             job = next((j for j in self.jobs.values() if j.waiting is not None and j.waiting.id == reply.id), None)
             if job is None:
                 ctx.log.info("ignored an AI reply %r that no analysis waits for", reply.id)

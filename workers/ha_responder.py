@@ -23,6 +23,7 @@ from typing import Any, Self
 import msgspec
 
 from contracts import Command, Context, Message, Subscription, Timer, Worker
+from contracts.decoding import BoundedJson
 from contracts.homeassistant import DiscoveryBundle, Sensor
 from contracts.state import write_atomically
 from contracts.topics import matches
@@ -105,6 +106,11 @@ class Request(msgspec.Struct, frozen=True, kw_only=True):
     state: str | None = None
 
 
+# Everything here decodes comes from other clients of the broker.
+_any_decoder: BoundedJson[Any] = BoundedJson(max_bytes=256 * 1024)
+_request_decoder: BoundedJson[Request] = BoundedJson(Request, max_bytes=64 * 1024)
+
+
 class HaResponder(Worker[HaResponderConfig]):
     """Publishes Home Assistant discovery for every declared entity, answers Home Assistant's birth, tracks the
     devices on the bus and the results of automations (see the module docstring)."""
@@ -128,7 +134,7 @@ class HaResponder(Worker[HaResponderConfig]):
     def subscriptions(self) -> list[Subscription]:
         site, config = self.site, self.config
         subscriptions = [
-            Subscription(site.entities_topic),
+            Subscription(site.entities_topic, local=True),  # from the supervisor only, never from the broker
             Subscription(site.homeassistant_status_topic, qos=1),
             Subscription(f"{self._topic('request')}/+", qos=1, commands=True),
             Subscription(config.feedback_topic, qos=1),
@@ -253,7 +259,7 @@ class HaResponder(Worker[HaResponderConfig]):
             if self._devices.pop(device_id, None) is not None:
                 self._publish_devices(ctx)
             return
-        config = json.loads(payload)
+        config = _any_decoder.decode(payload)
         if not isinstance(config, dict):
             raise msgspec.ValidationError(f"expected a JSON object, got {type(config).__name__}")
         config = {_ABBREVIATIONS.get(key, key): value for key, value in config.items()}
@@ -323,7 +329,7 @@ class HaResponder(Worker[HaResponderConfig]):
         if action == "list_devices":
             return {"devices": [msgspec.to_builtins(d) for d in sorted(self._devices.values(), key=lambda d: d.id)]}
         try:
-            request = msgspec.json.decode(payload or b"{}", type=Request)
+            request = _request_decoder.decode(payload or b"{}")
         except msgspec.DecodeError as exc:
             raise LookupError(f'expected JSON like {{"device": "<id>"}}, got {payload[:80]!r}: {exc}') from None
         device = self._devices.get(request.device or "")
@@ -341,7 +347,7 @@ class HaResponder(Worker[HaResponderConfig]):
     # Automation feedback --------------------------------------------------------------------------------------------
 
     def _feedback(self, ctx: Context, message: Message) -> None:
-        body = json.loads(message.payload) if message.payload.strip() else {}
+        body = _any_decoder.decode(message.payload) if message.payload.strip() else {}
         if not isinstance(body, dict):
             raise msgspec.ValidationError(f"expected a JSON object, got {type(body).__name__}")
         automation = str(body.get("automation_id") or body.get("automation") or message.topic.rsplit("/", 1)[1])

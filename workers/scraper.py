@@ -35,6 +35,7 @@ import msgspec
 
 from contracts import Command, Context, Message, Timer, Trigger, Worker
 from contracts.ai import AiReply, AiRequest, request_topic
+from contracts.decoding import BoundedJson
 from contracts.homeassistant import Button, Entity, Sensor
 from contracts.state import write_atomically
 from workers._scraping import Http, Item, Outcome, Source, Validators, scrape
@@ -139,7 +140,7 @@ class Topics(msgspec.Struct, frozen=True, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 _state_decoder = msgspec.json.Decoder(SavedState)
-_reply_decoder = msgspec.json.Decoder(AiReply)
+_reply_decoder: BoundedJson[AiReply] = BoundedJson(AiReply)
 
 
 # The worker --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,122 @@
+"""Hostile input: no message from any client or worker stops the supervisor (SPEC section 7).
+
+Each test sends what an attacker on the home network could send, then shows the supervisor still answers.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import msgspec
+import pytest
+from conftest import SupervisorFactory
+from support import MqttProbe
+from test_supervisor import echo, start, wait_echo
+from test_worker_ha_responder import config_topic, request
+from test_worker_ha_responder import start as start_with_ha
+
+from contracts.decoding import BoundedJson, InputRejected, check_json
+from contracts.homeassistant import DiscoveryBundle
+from supervisor.errors import StateBrokenError
+from supervisor.loop import Loop
+
+DEEP = b'{"worker": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+
+
+def status_answered(mqtt: MqttProbe, base: str, count: int = 1) -> dict[str, Any]:
+    mqtt.publish(f"{base}/request/status", "")
+    return mqtt.wait_for(f"{base}/response/status", count=count)[-1].json()
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_a_control_request_nested_10000_levels_deep_is_refused_and_the_supervisor_goes_on(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, retain: bool
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    mqtt.publish(f"{supervisors.base}/request/restart", DEEP, retain=retain)
+    if not retain:
+        (reply,) = mqtt.wait_for(f"{supervisors.base}/response/restart")
+        assert reply.json()["ok"] is False and "nested deeper than 32 levels" in reply.json()["error"]
+    assert status_answered(mqtt, supervisors.base)["ok"] is True
+    assert process.process.poll() is None
+    mqtt.publish(f"{supervisors.base}/request/restart", b"", retain=True)  # clear it
+
+
+def test_a_control_request_whose_response_topic_has_a_wildcard_gets_no_reply_and_stops_nothing(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    for topic in (f"{prefix}/answers/+", f"{prefix}/answers/#"):
+        mqtt.publish(f"{supervisors.base}/request/status", "", response_topic=topic)
+    assert status_answered(mqtt, supervisors.base)["ok"] is True
+    assert process.log().count("refused to publish: the topic") == 2
+
+
+def test_a_worker_publishing_to_a_topic_no_broker_takes_is_refused_and_counted(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix, qos=1)})
+    for topic in (f"{prefix}/bad/#", f"{prefix}/bad/+/x", "", f"{prefix}/nul\0x"):
+        mqtt.publish(f"{prefix}/in/x", f"forward:{topic}")
+    mqtt.publish(f"{prefix}/in/x", "after")
+    wait_echo(mqtt, f"{prefix}/out/echo", "after")
+    status = mqtt.wait_for(
+        f"{supervisors.base}/status", lambda m: m.json()["workers"]["echo"]["errors"].get("publish") == 4
+    )
+    assert status[-1].json()["outbox_messages"] == 0  # none of them stored
+
+
+def test_a_forged_entity_bundle_from_the_broker_is_never_taken(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start_with_ha(supervisors, mqtt, prefix, declarer={})
+    running = config_topic(prefix, "binary_sensor", "declarer_running", own=True)
+    mqtt.wait_for(running)
+    forged = DiscoveryBundle(owners=["supervisor", "declarer"], declared={"supervisor": [], "declarer": []})
+    mqtt.publish(f"{supervisors.base}/homeassistant/entities", msgspec.msgpack.encode(forged), qos=1)
+    # ha_responder handles its messages in order: once this is answered, a forged bundle would have been handled
+    request(mqtt, supervisors.base, "list_devices", {})
+    assert not [m for m in mqtt.received(running) if m.payload == b""]  # no entity was removed
+
+
+# The pieces ---------------------------------------------------------------------------------------------------------
+
+
+def test_json_nested_too_deep_is_refused_before_parsing_but_brackets_in_strings_do_not_count() -> None:
+    with pytest.raises(InputRejected, match=r"^nested deeper than 32 levels$"):
+        check_json(DEEP)
+    check_json(b'{"a": "' + b"[" * 100 + b'\\"' + b"{" * 100 + b'"}')
+    check_json(b"[" * 32 + b"]" * 32)
+    with pytest.raises(InputRejected, match=r"^33 bytes, more than the 32 allowed$"):
+        BoundedJson(max_bytes=32).decode(b'{"a": "' + b"x" * 24 + b'"}')
+
+
+def test_an_exception_in_a_loop_callback_is_survived_unless_it_says_the_state_is_broken() -> None:
+    errors: list[Exception] = []
+
+    def on_error(exc: Exception) -> None:
+        if isinstance(exc, StateBrokenError):
+            raise exc
+        errors.append(exc)
+
+    loop = Loop(on_error=on_error)
+    ran: list[str] = []
+    loop.call_later(0, lambda: 1 / 0)
+    loop.call_later(0, lambda: ran.append("next timer"))
+    loop.after_wakeup(lambda: ran.append("after wakeup"))
+    a, b = socket.socketpair()
+    try:
+        b.send(b"x")
+        loop.add_reader(a, lambda: {}["missing"])
+        loop.run_once(max_wait=0.1)
+        assert [type(e) for e in errors] == [KeyError, ZeroDivisionError]
+        assert ran == ["next timer", "after wakeup"]
+        loop.remove_reader(a)
+        loop.call_later(0, lambda: (_ for _ in ()).throw(StateBrokenError("outbox gone")))
+        with pytest.raises(StateBrokenError):
+            loop.run_once(max_wait=0.1)
+    finally:
+        a.close()
+        b.close()
+        loop.close()
