@@ -12,7 +12,7 @@ import sys
 from types import ModuleType
 
 import supervisor
-from supervisor.errors import ConfigError, WrongPackageError
+from supervisor.errors import ConfigError, StartupError, WrongPackageError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 _DISTRIBUTION = "mqtt-home-supervisor"
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     try:
         return supervisor_.run()
+    except StartupError as exc:  # the host cannot give what start-up needs: one line, nothing left running
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
     except Exception:  # policy: anything unexpected at run time is fatal, reported once with its traceback
         logging.getLogger("supervisor").critical("fatal error", exc_info=True)
         return EXIT_FATAL

@@ -20,6 +20,7 @@ import functools
 import gc
 import itertools
 import logging
+import os
 import signal
 import socket
 import sqlite3
@@ -54,7 +55,7 @@ from supervisor.control import ControlAPI, ControlError
 from supervisor.dedupe import Deduplicator, Window
 from supervisor.delivery import Deliveries
 from supervisor.discovery import node_id, supervisor_entities
-from supervisor.errors import ConfigError, StateBrokenError
+from supervisor.errors import ConfigError, StartupError, StateBrokenError
 from supervisor.loop import Loop
 from supervisor.metrics import MetricsServer
 from supervisor.mqtt import Incoming, MqttLink
@@ -160,43 +161,30 @@ class Supervisor:
         log.error("unexpected error in the supervisor's loop (survived, counted)", exc_info=exc)
 
     def run(self) -> int:
-        """Start everything, run until stopped, and return the process exit code."""
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        """Start everything, run until stopped, and return the process exit code. Raises StartupError (nothing left
+        running) when the host cannot give what start-up needs."""
         wakeup = self._wakeup = self._install_signal_handlers()
-        modules = sorted({"supervisor.runtime"} | {s.settings.worker_class.__module__ for s in self.slots.values()})
-        self._context = start_method_context(self.settings.supervisor.start_method, modules)
-        if self.settings.metrics.port:
-            self.metrics = MetricsServer(self.loop, self.settings.metrics.bind, self.settings.metrics.port, self)
-        for slot in self.slots.values():
-            self._start(slot)
-        self.publisher.open()
-        windows = {
-            w.name: Window(w.supervision.dedupe_seconds, w.supervision.dedupe_max_entries)
-            for w in self.settings.workers
-            if w.supervision.dedupe_seconds > 0
-        }
-        if windows:
-            self.dedupe = Deduplicator(self.settings.state_dir / "handled.sqlite3", windows)
-        self.publisher.replay()
-        self.link.start()
-        self.status.start()
-        if self.notifier.watchdog_seconds:
-            self.loop.call_later(self.notifier.watchdog_seconds / 2, self._watchdog)
-        self.loop.after_wakeup(self._end_of_wakeup)
-        self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
-        gc.freeze()  # start-up objects leave the collector's view: shorter pauses, pages stay shared with workers
-        log.info("supervisor started with workers: %s", ", ".join(self.slots) or "none")
         try:
+            self._open()
+            modules = sorted({"supervisor.runtime"} | {s.settings.worker_class.__module__ for s in self.slots.values()})
+            self._context = start_method_context(self.settings.supervisor.start_method, modules)
+            for slot in self.slots.values():
+                self._start(slot)
+            self.publisher.replay()  # after the starts: a worker that is not starting refuses its messages
+            self.link.start()
+            self.status.start()
+            if self.notifier.watchdog_seconds:
+                self.loop.call_later(self.notifier.watchdog_seconds / 2, self._watchdog)
+            self.loop.after_wakeup(self._end_of_wakeup)
+            self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
+            gc.freeze()  # start-up objects leave the collector's view: shorter pauses, pages stay shared with workers
+            log.info("supervisor started with workers: %s", ", ".join(self.slots) or "none")
             while not (self._stopping and all(s.process is None for s in self.slots.values())):
                 self.loop.run_once()
             self.status.stopped()
             self.link.stop()
             self.notifier.close()
-            self.publisher.close()
-            if self.dedupe is not None:
-                self.dedupe.close()
-            if self.metrics is not None:
-                self.metrics.close()
+            self._close()
         finally:
             for slot in self.slots.values():  # only after a fatal error are any left
                 if slot.process is not None:
@@ -206,6 +194,39 @@ class Supervisor:
                 sock.close()
         log.info("supervisor stopped (exit code %d)", self.exit_code)
         return self.exit_code
+
+    def _open(self) -> None:
+        """Take from the host what the supervisor needs before any worker starts: its state directory, the outbox,
+        the handled-ids file and the metrics port. Raises StartupError, having closed what it opened."""
+        state_dir = self.settings.state_dir
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create the state directory {state_dir}: {exc.strerror}") from None
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            raise StartupError(f"cannot write to the state directory {state_dir} ([supervisor] state_dir)")
+        try:
+            self.publisher.open()
+            windows = {
+                w.name: Window(w.supervision.dedupe_seconds, w.supervision.dedupe_max_entries)
+                for w in self.settings.workers
+                if w.supervision.dedupe_seconds > 0
+            }
+            if windows:
+                self.dedupe = Deduplicator(state_dir / "handled.sqlite3", windows)
+            if self.settings.metrics.port:
+                metrics = self.settings.metrics
+                self.metrics = MetricsServer(self.loop, metrics.bind, metrics.port, self)
+        except BaseException:
+            self._close()
+            raise
+
+    def _close(self) -> None:
+        self.publisher.close()
+        if self.dedupe is not None:
+            self.dedupe.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _install_signal_handlers(self) -> tuple[socket.socket, socket.socket]:
         receive, send = socket.socketpair()

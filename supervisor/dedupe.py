@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from supervisor.errors import StartupError
+
 _TIDY_SECONDS = 60.0
 
 _SCHEMA = """
@@ -127,11 +129,16 @@ class Deduplicator:
 
 
 def _open(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, timeout=0)
-    # Opened after the outbox, whose exclusive lock already keeps a second supervisor away from this state dir.
-    db.execute("PRAGMA locking_mode=EXCLUSIVE")
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=OFF")  # survives any crash of the supervisor; see the outbox for power cuts
-    db.execute(_SCHEMA)
+    """The connection; raises StartupError when the file cannot be used."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=0)
+        # Opened after the outbox, whose exclusive lock already keeps a second supervisor away from this state dir.
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")  # survives any crash of the supervisor; see the outbox for power cuts
+        db.execute(_SCHEMA)
+        db.execute("SELECT worker, publication_id, at FROM handled LIMIT 0")
+    except sqlite3.DatabaseError as exc:
+        what = "ids of handled publications; delete it to start afresh"
+        raise StartupError(f"cannot use {path} ({what}): {exc}") from None
     return db

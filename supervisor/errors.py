@@ -34,7 +34,13 @@ class WrongPackageError(SupervisorError):
         )
 
 
-class OutboxInUseError(SupervisorError):
+class StartupError(SupervisorError):
+    """Raised when the supervisor cannot start on this host as configured: its message is one line naming the
+    cause and the path (a state directory it cannot write, an outbox it cannot use, a port it cannot listen on).
+    The CLI prints it and exits with status 1."""
+
+
+class OutboxInUseError(StartupError):
     """Raised when another process holds the outbox: two supervisors were given one state directory."""
 
     def __init__(self, path: str) -> None:

@@ -7,6 +7,7 @@ supervisor must stay single-threaded to fork its workers safely. Per-worker memo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -18,14 +19,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from supervisor.loop import Loop
+from supervisor.errors import StartupError
+from supervisor.loop import Loop, TimerHandle
 from supervisor.slot import LATENCY_BUCKETS, ErrorKind, RestartReason, WorkerSlot, WorkerState
 
 log = logging.getLogger(__name__)
 
 PREFIX = "supervisor_"
 _REQUEST_LIMIT = 8192
-_CONNECTION_SECONDS = 10.0
+_CONNECTION_SECONDS = 10.0  # a connection is closed this long after it was accepted, whatever it is doing
+_MAX_CONNECTIONS = 16
+_PAUSE_SECONDS = 0.5
+_REPEAT_LOG_SECONDS = 60.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -168,23 +173,46 @@ class MetricsServer:
         self.loop = loop
         self.registry = CollectorRegistry()
         self.registry.register(SupervisorCollector(observed))
-        self.sock = socket.create_server((bind, port), reuse_port=False)
+        try:
+            self.sock = socket.create_server((bind, port), reuse_port=False)
+        except OSError as exc:
+            where = f"{bind}:{port} ([metrics] bind, port)"
+            raise StartupError(f"cannot serve metrics on {where}: {os.strerror(exc.errno or 0)}") from None
         self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
+        self._connections: dict[socket.socket, TimerHandle] = {}  # open connections, oldest first
+        self._last_refusal = -_REPEAT_LOG_SECONDS
         loop.add_reader(self.sock, self._accept)
         log.info("metrics on http://%s:%d/metrics", bind, self.port)
 
     def _accept(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
-        conn.setblocking(False)
-        request = bytearray()
-        deadline = self.loop.call_later(_CONNECTION_SECONDS, lambda: self._close(conn))
-        self.loop.add_reader(conn, lambda: self._read(conn, request, deadline))
+        """Take every waiting connection. At most `_MAX_CONNECTIONS` are kept: a new one closes the oldest, so idle
+        clients can never keep Prometheus out. Out of descriptors (EMFILE), accepting pauses for a moment; the
+        connections wait in the listen queue meanwhile."""
+        for _ in range(_MAX_CONNECTIONS):
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._pause_accepting(exc)
+                return
+            conn.setblocking(False)
+            if len(self._connections) >= _MAX_CONNECTIONS:
+                oldest = next(iter(self._connections))
+                self._close(oldest)
+            self._connections[conn] = self.loop.call_later(_CONNECTION_SECONDS, functools.partial(self._close, conn))
+            self.loop.add_reader(conn, functools.partial(self._read, conn, bytearray()))
 
-    def _read(self, conn: socket.socket, request: bytearray, deadline: object) -> None:
+    def _pause_accepting(self, exc: OSError) -> None:
+        now = self.loop.clock()
+        if now - self._last_refusal >= _REPEAT_LOG_SECONDS:
+            self._last_refusal = now
+            log.warning("metrics: cannot accept a connection (%s); pausing for %g s", exc, _PAUSE_SECONDS)
+        self.loop.remove_reader(self.sock)
+        self.loop.call_later(_PAUSE_SECONDS, lambda: self.loop.add_reader(self.sock, self._accept))
+
+    def _read(self, conn: socket.socket, request: bytearray) -> None:
         try:
             chunk = conn.recv(4096)
         except BlockingIOError:
@@ -225,6 +253,9 @@ class MetricsServer:
             self._close(conn)
 
     def _close(self, conn: socket.socket) -> None:
+        deadline = self._connections.pop(conn, None)
+        if deadline is not None:
+            deadline.cancel()
         if conn.fileno() == -1:
             return
         self.loop.remove_reader(conn)
@@ -232,5 +263,7 @@ class MetricsServer:
         conn.close()
 
     def close(self) -> None:
+        for conn in list(self._connections):
+            self._close(conn)
         self.loop.remove_reader(self.sock)
         self.sock.close()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts import Publish
-from supervisor.errors import OutboxInUseError
+from supervisor.errors import OutboxInUseError, StartupError
 
 log = logging.getLogger("supervisor")
 
@@ -163,9 +163,16 @@ _INSERT = (
 _DELETE = "DELETE FROM publications WHERE id = ?"
 
 
+_COLUMNS = {"id", "worker", "topic", "payload", "qos", "retain", "expiry", "local_only", "publication_id"}
+
+
 def _open(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int, int]:
-    """The connection, how many rows it holds, and the id for the next row."""
-    db = sqlite3.connect(path, isolation_level=None, timeout=0)
+    """The connection, how many rows it holds, and the id for the next row. Raises sqlite3.DatabaseError for a file
+    that is not a database (to be moved aside), StartupError for one that cannot be used as it is."""
+    try:
+        db = sqlite3.connect(path, isolation_level=None, timeout=0)
+    except sqlite3.OperationalError as exc:
+        raise StartupError(f"cannot open the outbox {path}: {exc}") from None
     try:
         db.execute("PRAGMA locking_mode=EXCLUSIVE")  # held from the first read below until the connection closes
         db.execute("PRAGMA journal_mode=WAL")
@@ -175,12 +182,22 @@ def _open(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int, int]:
         columns = {name for _, name, *_ in db.execute("PRAGMA table_info(publications)")}
         if "publication_id" not in columns:  # an outbox written by a version without publication ids
             db.execute("ALTER TABLE publications ADD COLUMN publication_id TEXT")
+            columns.add("publication_id")
+        if not columns >= _COLUMNS:
+            raise StartupError(
+                f"the outbox {path} is not this version's: its table publications has the columns "
+                f"{', '.join(sorted(columns))}, expected {', '.join(sorted(_COLUMNS))}; move it aside to start "
+                "with an empty one"
+            )
         count, last = db.execute("SELECT count(*), coalesce(max(id), 0) FROM publications").fetchone()
+    except StartupError:
+        db.close()
+        raise
     except sqlite3.OperationalError as exc:
         db.close()
         if "locked" in str(exc):
             raise OutboxInUseError(str(path)) from None
-        raise
+        raise StartupError(f"cannot use the outbox {path}: {exc}") from None
     except sqlite3.DatabaseError:
         db.close()
         raise

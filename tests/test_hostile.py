@@ -5,13 +5,18 @@ Each test sends what an attacker on the home network could send, then shows the 
 
 from __future__ import annotations
 
+import re
+import resource
 import socket
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from conftest import SupervisorFactory
-from support import MqttProbe
+from conftest import SupervisorFactory, SupervisorProcess
+from support import MqttProbe, descendants, free_port
+from test_health import scrape_until
 from test_supervisor import echo, start, wait_echo
 from test_worker_ha_responder import config_topic, request
 from test_worker_ha_responder import start as start_with_ha
@@ -120,3 +125,64 @@ def test_an_exception_in_a_loop_callback_is_survived_unless_it_says_the_state_is
         a.close()
         b.close()
         loop.close()
+
+
+def test_more_idle_metrics_connections_than_the_descriptor_limit_neither_stop_the_supervisor_nor_keep_prometheus_out(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    port = free_port()
+    process = start(supervisors, mqtt, {"echo": echo(prefix)}, {"metrics": {"port": port}})
+    resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (64, 64))
+    idle = []
+    try:
+        for _ in range(200):  # connected, and never a byte sent
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        text = scrape_until(port, "supervisor_worker_up", 1, worker="echo")
+        assert "supervisor_mqtt_connected 1.0" in text
+    finally:
+        for conn in idle:
+            conn.close()
+    assert status_answered(mqtt, supervisors.base)["ok"] is True
+    mqtt.publish(f"{prefix}/in/x", "still here")
+    wait_echo(mqtt, f"{prefix}/out/echo", "still here")
+
+
+# Start-up failures: one line naming the cause and the path, exit 1, nothing left running --------------------------
+
+
+def expect_startup_error(process: SupervisorProcess, pattern: str) -> None:
+    assert process.wait(timeout=15) == 1
+    log = process.log()
+    assert "Traceback" not in log
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.fullmatch(pattern, errors[0]), log[-2000:]
+    assert descendants(process.pid) == []
+
+
+def test_a_state_directory_that_cannot_be_created_stops_the_start_with_one_line(
+    supervisors: SupervisorFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_text("")
+    process = supervisors.start(
+        {"echo": {"topics": ["x"], "out": "y"}}, supervisor={"state_dir": str(tmp_path / "a-file" / "state")}
+    )
+    expect_startup_error(process, r"error: cannot create the state directory .*/a-file/state: Not a directory")
+
+
+def test_an_outbox_of_another_schema_stops_the_start_with_one_line_and_no_worker_left(
+    supervisors: SupervisorFactory, tmp_path: Path
+) -> None:
+    (tmp_path / "state").mkdir()
+    foreign = sqlite3.connect(tmp_path / "state" / "outbox.sqlite3")
+    foreign.execute("CREATE TABLE publications (id INTEGER PRIMARY KEY, something TEXT)")
+    foreign.commit()
+    foreign.close()
+    process = supervisors.start({"echo": {"topics": ["x"], "out": "y"}})
+    expect_startup_error(process, r"error: the outbox .*outbox.sqlite3 is not this version's: .* move it aside .*")
+
+
+def test_a_metrics_port_in_use_stops_the_start_with_one_line(supervisors: SupervisorFactory) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        process = supervisors.start({"echo": {"topics": ["x"], "out": "y"}}, metrics={"port": port})
+        expect_startup_error(process, rf"error: cannot serve metrics on 127.0.0.1:{port} .*: Address already in use")
