@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from types import ModuleType
 
@@ -29,11 +30,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    from supervisor import config  # after the identity check: another `supervisor` has no such module
+    from supervisor import config, secrets  # after the identity check: another `supervisor` has no such module
     from supervisor.core import Supervisor
 
+    environ = dict(os.environ) | secrets.take_handover(os.environ)
     try:
-        settings = config.load(args.config)
+        settings = config.load(args.config, environ)
+        if argv is None and not args.check_config:  # no secret may stay in the environment block workers inherit
+            secrets.reexec_without(settings.secret_variables, dict(os.environ))
         supervisor_ = Supervisor(settings)  # validates every worker's subscriptions too
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,12 +6,13 @@ dotted key, what was expected and what was found, in one line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import socket
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -20,6 +21,7 @@ import msgspec
 from contracts import Worker
 from supervisor.errors import ConfigError
 from supervisor.registry import discover
+from supervisor.secrets import Secret
 
 T = TypeVar("T")
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -131,27 +133,19 @@ class WorkerSupervision(_Table, frozen=True, kw_only=True, forbid_unknown_fields
 SUPERVISION_KEYS = frozenset(WorkerSupervision.__struct_fields__)
 
 
-class Secret:
-    """A value that never shows in logs or reprs."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-
 @dataclass(frozen=True)
 class WorkerSettings:
     name: str
     worker_class: type[Worker]  # type: ignore[type-arg]
     supervision: WorkerSupervision
     config: msgspec.Struct
+    # The secret variables its section names (keys ending in `_env`) that are set: its processes get these only.
+    environment: dict[str, Secret] = field(default_factory=dict)
+
+    @property
+    def secret_names(self) -> list[str]:
+        """The environment variables its section names in keys ending in `_env`, set or not."""
+        return [v for k, v in msgspec.structs.asdict(self.config).items() if k.endswith("_env") and isinstance(v, str)]
 
 
 @dataclass(frozen=True)
@@ -167,6 +161,8 @@ class Settings:
     state_dir: Path
     workers: tuple[WorkerSettings, ...]
     available_workers: tuple[str, ...]
+    # Every environment variable holding a secret: the MQTT password's, and those any worker section names.
+    secret_variables: frozenset[str] = frozenset()
 
 
 def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
@@ -179,6 +175,10 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
     mqtt = _resolve_mqtt(file.mqtt, file.supervisor.base_topic, environ, source)
     available = discover(file.supervisor.worker_packages)
     workers = tuple(_worker_settings(name, section, available, source) for name, section in file.workers.items())
+    workers = tuple(
+        dataclasses.replace(w, environment={n: Secret(environ[n]) for n in w.secret_names if n in environ})
+        for w in workers
+    )
     state_dir = file.supervisor.state_dir or environ.get("STATE_DIRECTORY", "").split(":")[0] or "state"
     return Settings(
         path=path,
@@ -189,6 +189,10 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
         homeassistant=file.homeassistant,
         state_dir=Path(state_dir).absolute(),
         workers=tuple(w for w in workers if w.supervision.enabled),
+        secret_variables=frozenset(
+            {"MQTT_PASSWORD", *([file.mqtt.password_env] if file.mqtt.password_env else [])}
+            | {name for w in workers for name in w.secret_names}
+        ),
         available_workers=tuple(available),
     )
 

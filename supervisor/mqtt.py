@@ -26,8 +26,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from contracts.topics import publish_topic_problem
-from supervisor.config import MqttConfig, Secret
+from supervisor import secrets
+from supervisor.config import MqttConfig
 from supervisor.loop import Loop, TimerHandle
+from supervisor.secrets import Secret
 
 log = logging.getLogger(__name__)
 
@@ -375,6 +377,7 @@ class MqttLink:
         client.connect_timeout = config.connect_timeout_seconds
         if config.username:
             client.username_pw_set(config.username, password.reveal() if password else None)
+            secrets.on_fork_child(lambda: client.username_pw_set(None))  # a forked worker forgets paho's copy
         if config.tls.enabled:
             client.tls_set(ca_certs=config.tls.ca_file, certfile=config.tls.cert_file, keyfile=config.tls.key_file)
             client.tls_insecure_set(config.tls.insecure)

@@ -132,6 +132,7 @@ class WorkerProcess:
             heartbeat_seconds=min(1.0, settings.supervision.heartbeat_timeout_seconds / 4),
             site=site,
             release_fds=[*inherited, ours.fileno()] if forked else [],
+            environment={name: secret.reveal() for name, secret in settings.environment.items()},
         )
         in_handler.value = 0
         self.in_handler = in_handler

@@ -60,6 +60,7 @@ from contracts import (
 )
 from contracts.homeassistant import Availability, Button, Device, Entity, Origin, declared
 from contracts.topics import publish_topic_problem
+from supervisor import secrets
 from supervisor.channel import Channel, ChannelClosed
 from supervisor.loop import Loop
 from supervisor.router import InvalidTopicFilter, check_filter
@@ -85,12 +86,15 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_seconds: float
     site: Site = Site()
     release_fds: list[int] = msgspec.field(default_factory=list)  # the supervisor's, inherited through fork
+    environment: dict[str, str] = msgspec.field(default_factory=dict)  # the secrets its section names
 
 
 def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:
     """Entry point of a worker process (the target passed to multiprocess). `in_handler` is the shared word (a
     ctypes value with `.value`) that holds the id of the message in the handler, 0 between messages."""
     _release(spec.release_fds)
+    secrets.forget_inherited()  # a forked worker holds a copy of every secret of the supervisor: drop them first
+    os.environ.update(spec.environment)  # in this process's memory only, not its /proc environ
     _reset_signals()
     _die_with_parent()
     logging.basicConfig(

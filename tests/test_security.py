@@ -3,6 +3,7 @@ the broker's reason once while the supervisor keeps retrying, and TLS with the b
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,3 +169,42 @@ def test_tls_with_an_untrusted_certificate_is_refused_and_reported(
     process.wait_log("cannot reach the broker at 127.0.0.1:")
     process.wait_log("CERTIFICATE_VERIFY_FAILED")
     assert process.process.poll() is None
+
+
+# Least privilege: secrets stay out of every process's environment, and each worker gets only its own ------------
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode(errors="replace").partition("=")[::2] for e in entries if e)
+
+
+def test_no_process_holds_a_secret_it_was_not_given_in_its_environment_or_its_memory(
+    auth_supervisors: SupervisorFactory, auth_probe: MqttProbe, prefix: str
+) -> None:
+    auth_probe.subscribe(f"{prefix}/#")
+    mine, theirs = f"{prefix}/out/mine", f"{prefix}/out/theirs"
+    process = auth_supervisors.start(
+        {
+            "mine": {"worker": "echo", "topics": [f"{prefix}/in/mine"], "out": mine, "secret_env": "MINE_KEY"},
+            "theirs": {"worker": "echo", "topics": [f"{prefix}/in/theirs"], "out": theirs, "secret_env": "THEIR_KEY"},
+        },
+        mqtt={"username": USER, "password_env": "SUP_PASSWORD"},
+        environment={"SUP_PASSWORD": PASSWORD, "MINE_KEY": "mine-123", "THEIR_KEY": "theirs-456", "PLAIN": "kept"},
+    )
+    auth_probe.wait_for(f"{auth_supervisors.base}/availability", lambda m: m.text == "online")  # the password works
+    worker_pid = int(auth_probe.wait_for(f"{mine}/started")[0].text)
+    for pid in (process.pid, worker_pid):
+        environment = environment_of(pid)
+        assert not {"SUP_PASSWORD", "MINE_KEY", "THEIR_KEY"} & set(environment), pid
+        assert environment["PLAIN"] == "kept"
+    for name, expected in (("MINE_KEY", "mine-123"), ("THEIR_KEY", "<unset>"), ("SUP_PASSWORD", "<unset>")):
+        auth_probe.publish(f"{prefix}/in/mine", f"env:{name}")
+        assert (
+            auth_probe.wait_for(f"{mine}/env", count=1 + ["MINE_KEY", "THEIR_KEY", "SUP_PASSWORD"].index(name))[-1].text
+            == expected
+        ), name
+    for secret in (PASSWORD, "theirs-456"):
+        auth_probe.publish(f"{prefix}/in/mine", f"find:{hashlib.sha256(secret.encode()).hexdigest()}")
+    found = [m.text for m in auth_probe.wait_for(f"{mine}/found", count=2)]
+    assert found == ["0", "0"]  # neither the broker password nor the other worker's key is reachable in its memory

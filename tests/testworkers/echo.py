@@ -14,12 +14,15 @@ on `<out>/echo`, unless the payload is a command:
   `<out>/thread`; `thread_raise` raises there instead (the worker then reports it as a `handler` error);
 - `subscribe:<filter>` subscribes to one more filter (`ctx.subscribe`) and replies;
 - `forward:<topic>` publishes to `<topic>`; `env:<NAME>` publishes the environment variable NAME (or `<unset>`)
-  on `<out>/env`.
+  on `<out>/env`; `find:<sha256>` publishes on `<out>/found` how many strings or bytes reachable from any Python
+  object of the process (the collector unfrozen first, as a snooping worker would) have that SHA-256.
 Touches nothing outside.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
 import os
 import sys
@@ -38,6 +41,7 @@ class EchoConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     local_only: bool = False
     commands: bool = False  # mark the subscriptions as command topics (retained messages there are dropped)
     delay_seconds: float = 0.0  # time taken by every message, so that a backlog builds up
+    secret_env: str | None = None  # a secret variable this worker is given (read with `env:<NAME>`)
 
 
 def _sleep_or_raise(seconds: float, text: str) -> str:
@@ -45,6 +49,17 @@ def _sleep_or_raise(seconds: float, text: str) -> str:
         raise RuntimeError("asked to raise on a thread")
     time.sleep(seconds)
     return f"slept {seconds:g}"
+
+
+def _count_reachable(sha256: str) -> int:
+    gc.unfreeze()
+    found = 0
+    for container in gc.get_objects():
+        for value in gc.get_referents(container):
+            if isinstance(value, (str, bytes)):
+                data = value.encode(errors="surrogatepass") if isinstance(value, str) else value
+                found += hashlib.sha256(data).hexdigest() == sha256
+    return found
 
 
 class Echo(Worker[EchoConfig]):
@@ -96,6 +111,9 @@ class Echo(Worker[EchoConfig]):
             ctx.subscribe(text.removeprefix("subscribe:"), qos=1)
         if text.startswith("env:"):
             ctx.publish(f"{self.config.out}/env", os.environ.get(text.removeprefix("env:"), "<unset>"), qos=1)
+            return
+        if text.startswith("find:"):
+            ctx.publish(f"{self.config.out}/found", str(_count_reachable(text.removeprefix("find:"))), qos=1)
             return
         if text.startswith("forward:"):
             ctx.publish(
