@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SupervisorFactory, supervisors_on
+from conftest import ROOT, SupervisorFactory, supervisors_on
 from support import Broker, MqttProbe
+
+from supervisor.discovery import node_id
 
 USER, PASSWORD = "alice", "s3cret"
 
@@ -208,3 +210,52 @@ def test_no_process_holds_a_secret_it_was_not_given_in_its_environment_or_its_me
         auth_probe.publish(f"{prefix}/in/mine", f"find:{hashlib.sha256(secret.encode()).hexdigest()}")
     found = [m.text for m in auth_probe.wait_for(f"{mine}/found", count=2)]
     assert found == ["0", "0"]  # neither the broker password nor the other worker's key is reachable in its memory
+
+
+# The shipped access control list --------------------------------------------------------------------------------
+
+
+def test_with_the_shipped_acl_a_device_account_can_neither_stop_a_worker_nor_spoof_availability(
+    tmp_path: Path, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    passwords = workdir / "passwords"
+    accounts = {"supervisor": "sup-pw", "homeassistant": "ha-pw", "sensor": "sensor-pw"}
+    for n, (user, password) in enumerate(accounts.items()):
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *(["-c"] if n == 0 else []), str(passwords), user, password], check=True
+        )
+    factory_base = f"{prefix}/sup"
+    client_id = f"sup-{prefix.replace('/', '-')}"
+    acl = (ROOT / "deploy" / "mosquitto.acl").read_text()
+    acl = acl.replace("supervisor/#", f"{factory_base}/#").replace("NODE", node_id(client_id))
+    (workdir / "acl").write_text(acl)
+    access = f"allow_anonymous false\npassword_file {passwords}\nacl_file {workdir / 'acl'}\n"
+    with Broker.serving(workdir, access) as broker, supervisors_on(broker, tmp_path, prefix, request) as factory:
+        admin = MqttProbe(broker.port, username="homeassistant", password="ha-pw")
+        sensor = MqttProbe(broker.port, username="sensor", password="sensor-pw")
+        try:
+            admin.subscribe(f"{prefix}/#")
+            factory.start(
+                {"echo": {"topics": [f"{prefix}/in/#"], "out": f"{prefix}/out/echo"}},
+                mqtt={"username": "supervisor", "password_env": "SUP_PASSWORD"},
+                environment={"SUP_PASSWORD": "sup-pw"},
+            )
+            admin.wait_for(f"{prefix}/out/echo/started")
+            admin.wait_for(f"{factory.base}/availability", lambda m: m.text == "online")
+            sensor.publish(f"{prefix}/in/x", "a reading")  # a device still talks to the workers
+            admin.wait_for(f"{prefix}/out/echo/echo", lambda m: m.json()["payload"] == "a reading")
+            sensor.publish(f"{factory.base}/request/stop", '{"worker": "echo"}')
+            sensor.publish(f"{factory.base}/cmd/echo/restart", "PRESS")
+            sensor.publish(f"{factory.base}/availability", "offline", retain=True)
+            admin.publish(f"{factory.base}/request/status", "")
+            status = admin.wait_for(f"{factory.base}/response/status")[-1].json()["status"]
+            assert status["workers"]["echo"]["state"] == "running" and status["workers"]["echo"]["restarts"] == 0
+            assert admin.received(f"{factory.base}/response/stop") == []
+            assert [m.text for m in admin.received(f"{factory.base}/availability")] == ["online"]
+            admin.publish(f"{factory.base}/request/stop", '{"worker": "echo"}')  # the admin account may
+            assert admin.wait_for(f"{factory.base}/response/stop")[-1].json()["ok"] is True
+        finally:
+            admin.close()
+            sensor.close()
