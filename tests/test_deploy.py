@@ -89,6 +89,7 @@ def test_the_mosquitto_config_starts_with_persistence(tmp_path: Path) -> None:
     local = (
         text.replace("listener 1883", f"listener {port} 127.0.0.1")
         .replace("/etc/mosquitto/passwd", str(tmp_path / "passwd"))
+        .replace("/etc/mosquitto/acl", str(DEPLOY / "mosquitto.acl"))
         .replace("/var/lib/mosquitto/", f"{tmp_path}/")
     ) + f"user {getpass.getuser()}\n"
     (tmp_path / "mosquitto.conf").write_text(local)
