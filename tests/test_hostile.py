@@ -5,6 +5,7 @@ Each test sends what an attacker on the home network could send, then shows the 
 
 from __future__ import annotations
 
+import json
 import re
 import resource
 import socket
@@ -186,3 +187,29 @@ def test_a_metrics_port_in_use_stops_the_start_with_one_line(supervisors: Superv
         port = taken.getsockname()[1]
         process = supervisors.start({"echo": {"topics": ["x"], "out": "y"}}, metrics={"port": port})
         expect_startup_error(process, rf"error: cannot serve metrics on 127.0.0.1:{port} .*: Address already in use")
+
+
+def test_hostile_discovery_configs_neither_pull_in_the_broker_nor_reach_the_control_api_and_are_capped(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    start_with_ha(supervisors, mqtt, prefix, max_devices=3)
+    base, ha = supervisors.base, f"{prefix}/ha"
+    hostile = {
+        "everything": {"name": "all", "stat_t": "#"},
+        "stopper": {"name": "stopper", "cmd_t": f"{base}/request/stop"},
+        "wild": {"name": "wild", "cmd_t": f"{prefix}/x/+"},
+        "empty": {"name": "empty", "cmd_t": ""},
+    }
+    for object_id, config in hostile.items():
+        mqtt.publish(f"{ha}/switch/evil/{object_id}/config", json.dumps(config))
+    for n in range(5):
+        mqtt.publish(f"{ha}/sensor/many/s{n}/config", json.dumps({"stat_t": f"{prefix}/many/{n}"}))
+    listed = request(mqtt, base, "list_devices", {})["devices"]
+    assert len(listed) == 3  # the cap
+    tracked = {d["id"]: d for d in listed}
+    assert tracked["switch/evil/everything"]["state_topic"] is None
+    assert tracked["switch/evil/stopper"]["command_topic"] is None
+    assert request(mqtt, base, "set_state", {"device": "switch/evil/stopper", "state": "ON"})["ok"] is False
+    assert status_answered(mqtt, base)["status"]["workers"]["ha_responder"]["errors"]["devices"] >= 1
+    mqtt.publish(f"{prefix}/unrelated", "not for the supervisor")
+    assert request(mqtt, base, "get_state", {"device": "switch/evil/everything"})["device"]["state"] is None

@@ -26,7 +26,7 @@ from contracts import Command, Context, Message, Subscription, Timer, Worker
 from contracts.decoding import BoundedJson
 from contracts.homeassistant import DiscoveryBundle, Sensor
 from contracts.state import write_atomically
-from contracts.topics import matches
+from contracts.topics import matches, publish_topic_problem
 
 _ABBREVIATIONS = {  # the discovery keys this worker reads, by their abbreviated names
     "stat_t": "state_topic",
@@ -46,6 +46,7 @@ class HaResponderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     devices_prefix: str = "home"
     feedback_topic: str = "ha-ai/responses/#"
     feedback_history: int = 10  # results kept per automation
+    max_devices: int = 500  # devices tracked at most; more are refused and counted as `devices` errors
 
     def __post_init__(self) -> None:
         if not 0 <= self.republish_delay_min_seconds <= self.republish_delay_max_seconds:
@@ -55,6 +56,8 @@ class HaResponderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
             )
         if self.feedback_history < 1:
             raise ValueError(f"feedback_history: expected an int >= 1, got {self.feedback_history}")
+        if self.max_devices < 1:
+            raise ValueError(f"max_devices: expected an int >= 1, got {self.max_devices}")
 
 
 class TrackedDevice(msgspec.Struct, kw_only=True):
@@ -116,6 +119,7 @@ class HaResponder(Worker[HaResponderConfig]):
     devices on the bus and the results of automations (see the module docstring)."""
 
     name = "ha_responder"
+    error_kinds = ("devices",)
     Config = HaResponderConfig
 
     def __init__(self) -> None:
@@ -127,6 +131,7 @@ class HaResponder(Worker[HaResponderConfig]):
         self._by_state_topic: dict[str, set[str]] = {}
         self._by_availability_topic: dict[str, set[str]] = {}
         self._subscribed: set[str] = set()
+        self._refused = 0  # devices not tracked: max_devices reached
         self._results: dict[str, list[AutomationResult]] = {}
         self._failures = 0
         self._bundle_decoder = msgspec.msgpack.Decoder(DiscoveryBundle)
@@ -295,7 +300,25 @@ class HaResponder(Worker[HaResponderConfig]):
                 device.available = text
 
     def _track(self, ctx: Context, device: TrackedDevice) -> None:
+        """Follow `device`: its topics come from other clients, so only plain topics outside the supervisor's own
+        tree are taken (a config naming `#` as its state topic would pull in the whole broker, one naming a control
+        topic as its command topic would let set_state stop a worker), and at most `max_devices` devices."""
         known = self._devices.get(device.id)
+        if known is None and len(self._devices) >= self.config.max_devices:
+            self._refused += 1
+            if self._refused % 100 == 1:
+                ctx.report_error(
+                    "devices",
+                    f"tracking {len(self._devices)} devices, the most allowed (max_devices); "
+                    f"refused {device.id!r} ({self._refused} so far)",
+                )
+            return
+        for field in ("state_topic", "command_topic", "availability_topic"):
+            topic = getattr(device, field)
+            problem = topic is not None and self._topic_problem(topic)
+            if problem:
+                ctx.log.warning("device %s: ignored its %s: %s", device.id, field, problem)
+                setattr(device, field, None)
         if known is not None:
             device.state, device.available, device.updated = known.state, known.available, known.updated
         self._devices[device.id] = device
@@ -309,6 +332,13 @@ class HaResponder(Worker[HaResponderConfig]):
                 ctx.subscribe(topic)
         if known is None:
             self._publish_devices(ctx)
+
+    def _topic_problem(self, topic: str) -> str | None:
+        """Why a device's topic is not followed or published to, or None when it may be."""
+        problem = publish_topic_problem(topic)
+        if problem is None and (topic == self.site.base_topic or topic.startswith(f"{self.site.base_topic}/")):
+            problem = f"the topic {topic!r} is the supervisor's own"
+        return problem
 
     def _publish_devices(self, ctx: Context) -> None:
         ctx.publish(self._topic("devices"), str(len(self._devices)), qos=1, retain=True)
