@@ -72,6 +72,13 @@ class StartFailed(Envelope, tag="start_failed", frozen=True, kw_only=True):
     error: str
 
 
+class LimitReached(Envelope, tag="limit", frozen=True, kw_only=True):
+    """The worker ran out of what its limit allows (`limit` names the key, e.g. `memory_limit_mb = 128`); the
+    process exits next."""
+
+    limit: str
+
+
 class Publish(Envelope, tag="publish", frozen=True, kw_only=True):
     """Publish `payload` on `topic`: to local subscribers, and to the broker unless `local_only`.
 
@@ -128,6 +135,7 @@ class Subscribe(Envelope, tag="subscribe", frozen=True, kw_only=True):
 Outbound = (
     Started
     | StartFailed
+    | LimitReached
     | Publish
     | Handled
     | ErrorReported

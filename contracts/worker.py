@@ -179,6 +179,8 @@ class Worker(Generic[ConfigT]):
     # The kinds this worker passes to `ctx.report_error`: served at 0 in the metrics from the start (so alerts and
     # rate() see the first one). Another kind is still counted, from its first report on.
     error_kinds: ClassVar[tuple[str, ...]] = ()
+    # Its memory limit (MiB) unless its section sets `memory_limit_mb`; None: no limit.
+    memory_limit_mb: ClassVar[int | None] = None
     config: ConfigT
     site: Site = Site()  # set with `config`, before `subscriptions()`
 

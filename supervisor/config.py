@@ -47,6 +47,8 @@ class SupervisorConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=
     # The outbox's durability: "off" survives any crash of the supervisor with no fsync; "normal" also a power cut
     # (but each WAL checkpoint's fsync stalls the loop); "full" fsyncs every write. See supervisor/outbox.py.
     outbox_sync: Literal["off", "normal", "full"] = "off"
+    # Log a warning while the supervisor's own resident memory is above this (MiB); 0: never.
+    memory_warning_mb: Annotated[int, msgspec.Meta(ge=0, le=1_048_576)] = 200
 
 
 class TlsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -128,6 +130,11 @@ class WorkerSupervision(_Table, frozen=True, kw_only=True, forbid_unknown_fields
     # dedupe_max_entries ids.
     dedupe_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     dedupe_max_entries: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    # Resource limits, applied in the worker's process (see supervisor.runtime); unset: the worker class's default
+    # memory limit, the supervisor's niceness and descriptor limit.
+    memory_limit_mb: Annotated[int, msgspec.Meta(ge=16, le=1_048_576)] | None = None
+    cpu_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] | None = None
+    max_open_files: Annotated[int, msgspec.Meta(ge=16, le=1_048_576)] | None = None
 
 
 SUPERVISION_KEYS = frozenset(WorkerSupervision.__struct_fields__)
@@ -141,6 +148,12 @@ class WorkerSettings:
     config: msgspec.Struct
     # The secret variables its section names (keys ending in `_env`) that are set: its processes get these only.
     environment: dict[str, Secret] = field(default_factory=dict)
+
+    @property
+    def memory_limit_mb(self) -> int | None:
+        """Its memory limit: its section's, else its worker class's default."""
+        limit = self.supervision.memory_limit_mb
+        return limit if limit is not None else self.worker_class.memory_limit_mb
 
     @property
     def secret_names(self) -> list[str]:

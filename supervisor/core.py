@@ -27,6 +27,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -36,6 +37,7 @@ from contracts import (
     ErrorReported,
     Handled,
     Heartbeat,
+    LimitReached,
     Message,
     Outbound,
     Publish,
@@ -70,7 +72,15 @@ from supervisor.systemd import Notifier
 log = logging.getLogger("supervisor")
 
 _LIVENESS_CHECK_SECONDS = 0.25
+_MEMORY_CHECK_SECONDS = 2.0
 _KILL_GRACE_SECONDS = 2.0
+
+
+def _own_resident_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def site_of(settings: Settings) -> Site:
@@ -112,6 +122,7 @@ class Supervisor:
         self.settings = settings
         self.loop = Loop(clock, on_error=self._loop_failed)
         self.loop_errors = 0  # callbacks of the loop that raised and were survived
+        self.resident_bytes = 0  # the supervisor's own, as last checked
         self.router = Router()
         self.link = MqttLink(settings.mqtt, settings.password, self.loop, self)
         self.site = site_of(settings)
@@ -177,6 +188,7 @@ class Supervisor:
                 self.loop.call_later(self.notifier.watchdog_seconds / 2, self._watchdog)
             self.loop.after_wakeup(self._end_of_wakeup)
             self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
+            self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory)
             gc.freeze()  # start-up objects leave the collector's view: shorter pauses, pages stay shared with workers
             log.info("supervisor started with workers: %s", ", ".join(self.slots) or "none")
             while not (self._stopping and all(s.process is None for s in self.slots.values())):
@@ -322,6 +334,10 @@ class Supervisor:
                     slot.errors[ErrorKind.PUBLISH] += 1
             case ErrorReported(kind=kind):
                 slot.errors[kind] += 1
+            case LimitReached(limit=limit):
+                assert slot.process is not None
+                slot.process.limit_reached = limit
+                log.error("worker %s (pid %d) reached its limit: %s", slot.name, slot.process.pid, limit)
             case StartFailed(error=error):
                 assert slot.process is not None
                 slot.process.start_error = error
@@ -380,6 +396,8 @@ class Supervisor:
             return RestartReason.COMMAND
         if process.start_error is not None:
             return RestartReason.START_FAILED
+        if process.limit_reached is not None:
+            return RestartReason.MEMORY
         if status.signal is not None:
             return RestartReason.KILLED
         return RestartReason.EXIT if status.abnormal else RestartReason.NORMAL
@@ -438,6 +456,30 @@ class Supervisor:
             if verdict is not None:
                 self._kill(slot, *verdict)
         self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
+
+    def _check_memory(self) -> None:
+        """Kill a worker whose resident memory passed its limit; warn while the supervisor's own is above its level.
+        (Inside a worker, RLIMIT_DATA stops a fast allocation between two checks: see `supervisor.runtime`.)"""
+        for slot in self.slots.values():
+            limit = slot.settings.memory_limit_mb
+            process = slot.process
+            if limit is None or process is None or slot.kill_reason is not None:
+                continue
+            resident = process.resident_bytes()
+            if resident > limit * 1024 * 1024:
+                process.limit_reached = f"memory_limit_mb = {limit}"
+                self._kill(
+                    slot, RestartReason.MEMORY, f"uses {resident / 2**20:.0f} MiB, over memory_limit_mb = {limit}"
+                )
+        self.resident_bytes = _own_resident_bytes()
+        warning = self.settings.supervisor.memory_warning_mb
+        if warning and self.resident_bytes > warning * 1024 * 1024:
+            log.warning(
+                "the supervisor uses %.0f MiB of memory, above [supervisor] memory_warning_mb = %d",
+                self.resident_bytes / 2**20,
+                warning,
+            )
+        self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory)
 
     def _cancel_timer(self, slot: WorkerSlot) -> None:
         if slot.timer is not None:

@@ -40,6 +40,7 @@ class Observed(Protocol):
 
     version: str
     loop_errors: int
+    resident_bytes: int
 
     @property
     def slots(self) -> Mapping[str, WorkerSlot]: ...
@@ -70,6 +71,9 @@ class SupervisorCollector(Collector):
         outbox = GaugeMetricFamily(PREFIX + "outbox_messages", "Publications in the outbox not yet fully delivered.")
         outbox.add_metric([], self.observed.outbox_backlog)
         yield outbox
+        own = GaugeMetricFamily(PREFIX + "resident_memory_bytes", "Resident memory of the supervisor process.")
+        own.add_metric([], self.observed.resident_bytes)
+        yield own
         loop = CounterMetricFamily(PREFIX + "loop_errors", "Unexpected errors in the supervisor's loop, survived.")
         loop.add_metric([], self.observed.loop_errors)
         yield loop

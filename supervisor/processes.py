@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -25,6 +26,8 @@ from supervisor.channel import Channel
 from supervisor.config import WorkerSettings
 
 log = logging.getLogger(__name__)
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 # Variables a worker must never see: only the supervisor talks to systemd.
 _PRIVATE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
@@ -133,10 +136,14 @@ class WorkerProcess:
             site=site,
             release_fds=[*inherited, ours.fileno()] if forked else [],
             environment={name: secret.reveal() for name, secret in settings.environment.items()},
+            memory_limit_mb=settings.memory_limit_mb,
+            cpu_nice=settings.supervision.cpu_nice,
+            max_open_files=settings.supervision.max_open_files,
         )
         in_handler.value = 0
         self.in_handler = in_handler
         self.start_error: str | None = None  # what the worker reported when its on_start raised
+        self.limit_reached: str | None = None  # the limit it reported reaching (it exits next)
         self.process = context.Process(
             target=runtime.run, args=(spec, theirs, in_handler), name=f"worker-{settings.name}"
         )
@@ -162,6 +169,13 @@ class WorkerProcess:
     def message_in_handler(self) -> int:
         """The id of the message the worker is handling (after its death: was handling), 0 for none."""
         return int(self.in_handler.value)
+
+    def resident_bytes(self) -> int:
+        """Its resident memory now (0 once it is gone)."""
+        try:
+            return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * _PAGE_SIZE
+        except (OSError, IndexError, ValueError):
+            return 0
 
     def exit_status(self) -> ExitStatus | None:
         """The exit status once the process has ended (reaping it), else None."""

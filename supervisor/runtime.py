@@ -9,7 +9,8 @@ Failure policy (written here because it is implemented here):
 - an exception from `on_start` is a crash: it is reported over the channel (`StartFailed`), and the process exits
   with code 1 so the supervisor applies the worker's restart policy. The exit code is never read as a message: a
   worker's own `sys.exit(3)` is a crash with exit code 3;
-- the end of the pipe means the supervisor is gone: the worker runs `on_stop` and exits.
+- the end of the pipe means the supervisor is gone: the worker runs `on_stop` and exits;
+- MemoryError anywhere (the worker's memory limit, see `_apply_limits`) ends the process with `LimitReached`.
 
 Blame: before each handler call the loop writes the message's id into `in_handler`, a word of memory shared with
 the supervisor, and clears it after (no system call). When the process dies, the supervisor reads it: the message
@@ -24,6 +25,7 @@ import importlib
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -44,6 +46,7 @@ from contracts import (
     Handled,
     Heartbeat,
     Inbound,
+    LimitReached,
     Message,
     Outbound,
     Publish,
@@ -87,6 +90,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     site: Site = Site()
     release_fds: list[int] = msgspec.field(default_factory=list)  # the supervisor's, inherited through fork
     environment: dict[str, str] = msgspec.field(default_factory=dict)  # the secrets its section names
+    memory_limit_mb: int | None = None
+    cpu_nice: int | None = None
+    max_open_files: int | None = None
 
 
 def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:
@@ -95,6 +101,7 @@ def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:
     _release(spec.release_fds)
     secrets.forget_inherited()  # a forked worker holds a copy of every secret of the supervisor: drop them first
     os.environ.update(spec.environment)  # in this process's memory only, not its /proc environ
+    _apply_limits(spec)
     _reset_signals()
     _die_with_parent()
     logging.basicConfig(
@@ -107,10 +114,16 @@ def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:
     worker = worker_class()
     worker.config = msgspec.msgpack.decode(spec.config, type=worker_class.Config)
     worker.site = spec.site
+    channel: Channel[Inbound] = Channel(sock, Inbound)
     try:
-        code = WorkerLoop(spec, worker, Channel(sock, Inbound), in_handler).run()
+        code = WorkerLoop(spec, worker, channel, in_handler).run()
     except ChannelClosed:
         code = 0  # the supervisor went away while we were writing to it
+    except MemoryError:  # policy: the memory limit is reached; what held the memory is gone with the loop's frames
+        del worker
+        code = 1
+        with contextlib.suppress(Exception):
+            channel.send([LimitReached(limit=f"memory_limit_mb = {spec.memory_limit_mb}")])
     # Exit now: a `run_in_thread` call still under way (an HTTP request waiting for its timeout) must not hold the
     # process, and everything the worker sent is already written.
     logging.shutdown()
@@ -131,6 +144,32 @@ def _release(fds: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.dup2(null, fd)
     os.close(null)
+
+
+def _apply_limits(spec: WorkerSpec) -> None:
+    """The worker's resource limits, set in its own process before any worker code runs.
+
+    Memory: RLIMIT_DATA (private writable memory: heap, anonymous mappings, thread stacks) at what the process has
+    at start plus `memory_limit_mb`. A forked worker starts with a private copy of the supervisor's data mappings,
+    so a plain limit of `memory_limit_mb` could fail it at once; this bounds what it adds. An allocation past it
+    raises MemoryError, which ends the worker with `LimitReached` (restart reason `memory`). The supervisor also
+    kills a worker whose resident memory passes the limit (see `supervisor.core`).
+    """
+    if spec.memory_limit_mb is not None:
+        start = _status_kib("VmData") * 1024
+        limit = start + spec.memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    if spec.cpu_nice:
+        os.nice(spec.cpu_nice)
+    if spec.max_open_files is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (spec.max_open_files, spec.max_open_files))
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _reset_signals() -> None:
@@ -358,6 +397,8 @@ class WorkerContext:
         def run() -> None:
             try:
                 callback()
+            except MemoryError:
+                raise  # the memory limit: the worker ends (see `run`)
             except Exception as exc:  # policy: as for handlers, counted and survived
                 self.log.exception("%s callback failed", what)
                 self.report_error("handler", f"{type(exc).__name__}: {exc} ({what})")
@@ -391,6 +432,8 @@ class WorkerLoop:
     def run(self) -> int:
         try:
             self.worker.on_start(self.ctx)
+        except MemoryError:
+            raise  # the memory limit: the worker ends (see `run`)
         except Exception as exc:  # policy: a failing start is a crash, restarted by the supervisor
             self.log.exception("on_start failed")
             self.ctx.outgoing.append(StartFailed(error=f"{type(exc).__name__}: {exc}"))
@@ -432,6 +475,8 @@ class WorkerLoop:
                 self._command(message)
             else:
                 self.worker.on_message(self.ctx, message)
+        except MemoryError:
+            raise  # the memory limit: the worker ends (see `run`), blamed on this message
         except _UNDECODABLE as exc:  # policy: bad input is counted as `decode`, logged and dropped
             failed = True
             self.ctx.report_error("decode", f"cannot decode the payload on {message.topic}: {exc}")

@@ -50,6 +50,7 @@ class ErrorKind(StrEnum):
     DEADLINE = "deadline"  # killed: one message took longer than message_deadline_seconds
     HEARTBEAT = "heartbeat"  # killed: no heartbeat for heartbeat_timeout_seconds
     PUBLISH = "publish"  # a publication refused: its topic cannot be published to
+    MEMORY = "memory"  # it reached its memory limit (memory_limit_mb)
 
 
 class RestartReason(StrEnum):
@@ -61,6 +62,7 @@ class RestartReason(StrEnum):
     START_FAILED = "start_failed"  # its on_start raised
     DEADLINE = "deadline"  # the supervisor killed it: stuck on one message
     HEARTBEAT = "heartbeat"  # the supervisor killed it: silent while idle
+    MEMORY = "memory"  # it reached its memory limit, or the supervisor killed it for passing it
     COMMAND = "command"  # a person asked (control API, restart button)
 
 

@@ -213,3 +213,32 @@ def test_hostile_discovery_configs_neither_pull_in_the_broker_nor_reach_the_cont
     assert status_answered(mqtt, base)["status"]["workers"]["ha_responder"]["errors"]["devices"] >= 1
     mqtt.publish(f"{prefix}/unrelated", "not for the supervisor")
     assert request(mqtt, base, "get_state", {"device": "switch/evil/everything"})["device"]["state"] is None
+
+
+# Resource limits ------------------------------------------------------------------------------------------------
+
+
+def test_a_worker_allocating_without_end_is_stopped_at_its_memory_limit_and_reported(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix, qos=1, memory_limit_mb=64, dead_letter_after_crashes=1)})
+    mqtt.publish(f"{prefix}/in/x", "hog")
+    status = mqtt.wait_for(
+        f"{supervisors.base}/status", lambda m: m.json()["workers"]["echo"]["restart_reasons"].get("memory"), timeout=20
+    )
+    assert status[-1].json()["workers"]["echo"]["last_exit"] == "exit code 1 (memory)"
+    assert "reached its limit: memory_limit_mb = 64" in process.log()
+    (letter,) = mqtt.wait_for(f"{supervisors.base}/dead_letter")  # the message in hand is the one blamed
+    assert letter.json()["payload"] == "hog"
+
+
+def test_a_worker_whose_resident_memory_passes_its_limit_is_killed_and_reported(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix, memory_limit_mb=64)})
+    mqtt.publish(f"{prefix}/in/x", "grow:4")
+    process.wait_log("over memory_limit_mb = 64; killing it", timeout=30)
+    status = mqtt.wait_for(
+        f"{supervisors.base}/status", lambda m: m.json()["workers"]["echo"]["restart_reasons"].get("memory")
+    )
+    assert status[-1].json()["workers"]["echo"]["errors"]["memory"] == 1

@@ -291,6 +291,7 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
 
     name = "ai_analyzer"
     error_kinds = ("ai",)
+    memory_limit_mb = 128  # resident MiB; a section's memory_limit_mb overrides it
     Config = AiAnalyzerConfig
 
     def subscriptions(self) -> list[Subscription]:

@@ -222,6 +222,7 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
 
     name = "batch_scheduler"
     error_kinds = ("analysis", "retention", "recording", "state")
+    memory_limit_mb = 256  # resident MiB; a section's memory_limit_mb overrides it
     Config = BatchSchedulerConfig
 
     def subscriptions(self) -> list[Subscription]:

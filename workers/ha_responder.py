@@ -120,6 +120,7 @@ class HaResponder(Worker[HaResponderConfig]):
 
     name = "ha_responder"
     error_kinds = ("devices",)
+    memory_limit_mb = 128  # resident MiB; a section's memory_limit_mb overrides it
     Config = HaResponderConfig
 
     def __init__(self) -> None:

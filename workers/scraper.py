@@ -151,6 +151,7 @@ class Scraper(Worker[ScraperConfig]):
 
     name = "scraper"
     error_kinds = ("scrape",)
+    memory_limit_mb = 128  # resident MiB; a section's memory_limit_mb overrides it
     Config = ScraperConfig
 
     def on_start(self, ctx: Context) -> None:

@@ -8,6 +8,7 @@ on `<out>/echo`, unless the payload is a command:
 - `raise` raises in the handler; `json:<text>` parses `<text>` as JSON first (failing as a worker does on a payload
   it cannot decode);
 - `hang` sleeps for an hour; `sleep:<seconds>` sleeps, then replies;
+- `hog` allocates memory without end in the handler; `grow:<MiB>` adds that much every half second from a timer;
 - `timer_raise` schedules a timer that raises; `block` schedules a timer that sleeps for an hour (so heartbeats stop
   while no message is in hand);
 - `thread:<seconds>` sleeps on a background thread (`ctx.run_in_thread`), then publishes `slept <seconds>` on
@@ -93,6 +94,13 @@ class Echo(Worker[EchoConfig]):
             raise RuntimeError("asked to raise")
         if text == "hang":
             time.sleep(3600)
+        if text == "hog":
+            self.hoard = [b"x" * 2**20 for _ in iter(int, 1)]  # never ends: MemoryError at the limit
+        if text.startswith("grow:"):
+            step = int(text.removeprefix("grow:")) * 2**20
+            self.hoard = []
+            ctx.every(0.5, lambda: self.hoard.append(b"x" * step))
+            return
         if text == "timer_raise":
             ctx.call_later(0, lambda: 1 / 0)
             return
