@@ -7,10 +7,13 @@ dotted key, what was expected and what was found, in one line.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
+import math
 import os
 import re
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +22,14 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from contracts import Worker
+from contracts.topics import publish_topic_problem
 from supervisor.errors import ConfigError
 from supervisor.registry import discover
 from supervisor.secrets import Secret
 
 T = TypeVar("T")
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+_YEAR = 365 * 86400
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=_YEAR)]  # a duration: above zero, at most a year
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
 
@@ -72,7 +77,7 @@ class MqttConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     connect_timeout_seconds: Seconds = 3.0
     reconnect_min_seconds: Seconds = 0.1
     reconnect_max_seconds: Seconds = 0.5
-    session_expiry_seconds: Annotated[int, msgspec.Meta(ge=0)] = 86400
+    session_expiry_seconds: Annotated[int, msgspec.Meta(ge=0, le=4294967295)] = 86400  # MQTT: four bytes
     message_expiry_seconds: Annotated[int, msgspec.Meta(ge=60, le=3600)] = 300
     # Empty: "<base_topic>/availability".
     availability_topic: str = ""
@@ -82,7 +87,7 @@ class MqttConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # handled, so this bounds what the supervisor holds in memory). The broker's own limit applies too.
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000
     # Larger inbound payloads are dropped, counted and logged.
-    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1)] = 1048576
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1, le=268435455)] = 1048576  # MQTT's largest packet
     tls: TlsConfig = TlsConfig()
 
 
@@ -111,7 +116,7 @@ class WorkerSupervision(_Table, frozen=True, kw_only=True, forbid_unknown_fields
     # The worker to run under this section's name (default: the section name), to run one worker twice.
     worker: str | None = None
     restart: Literal["permanent", "transient", "temporary"] = "permanent"
-    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
+    max_restarts: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 5
     restart_window_seconds: Seconds = 60.0
     # Empty: [supervisor] shutdown_timeout_seconds.
     shutdown_timeout_seconds: Seconds | None = None
@@ -122,14 +127,14 @@ class WorkerSupervision(_Table, frozen=True, kw_only=True, forbid_unknown_fields
     heartbeat_timeout_seconds: Seconds = 30.0
     message_deadline_seconds: Seconds = 60.0
     # Messages handed to the worker process and not yet handled, and messages held for it in the supervisor.
-    max_inflight: Annotated[int, msgspec.Meta(ge=1)] = 100
-    max_queued: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 100
+    max_queued: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10000
     # A message in the worker's handler during this many of its deaths goes to <base>/dead_letter instead.
-    dead_letter_after_crashes: Annotated[int, msgspec.Meta(ge=1)] = 3
+    dead_letter_after_crashes: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 3
     # Drop a message whose publication id the worker handled within this many seconds (0: off), remembering at most
     # dedupe_max_entries ids.
-    dedupe_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    dedupe_max_entries: Annotated[int, msgspec.Meta(ge=1)] = 10000
+    dedupe_seconds: Annotated[float, msgspec.Meta(ge=0, le=_YEAR)] = 0.0
+    dedupe_max_entries: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10000
     # Resource limits, applied in the worker's process (see supervisor.runtime); unset: the worker class's default
     # memory limit, the supervisor's niceness and descriptor limit.
     memory_limit_mb: Annotated[int, msgspec.Meta(ge=16, le=1_048_576)] | None = None
@@ -184,8 +189,10 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
     environ = dict(os.environ) if environ is None else environ
     source = str(path)
     raw = _read_toml(path)
+    _check_finite(raw, source, "")
     file = _convert(raw, ConfigFile, source, "")
     mqtt = _resolve_mqtt(file.mqtt, file.supervisor.base_topic, environ, source)
+    _check_values(file, mqtt, source)
     available = discover(file.supervisor.worker_packages)
     workers = tuple(_worker_settings(name, section, available, source) for name, section in file.workers.items())
     workers = tuple(
@@ -210,18 +217,105 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
     )
 
 
+_MAX_FILE_BYTES = 1024 * 1024
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
+    source = str(path)
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        info = path.stat()
     except FileNotFoundError:
-        raise ConfigError(str(path), "", "no such file; pass an existing file with --config") from None
-    except IsADirectoryError:
-        raise ConfigError(str(path), "", "expected a TOML file, got a directory") from None
+        raise ConfigError(source, "", "no such file; pass an existing file with --config") from None
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read it: {exc.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(source, "", "expected a TOML file, got a directory")
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+        raise ConfigError(source, "", "expected a regular TOML file, got a pipe, socket or device")
+    if info.st_size > _MAX_FILE_BYTES:
+        raise ConfigError(source, "", f"expected a TOML file of at most 1 MiB, got {info.st_size} bytes")
+    try:
+        data = path.read_bytes()
     except PermissionError:
-        raise ConfigError(str(path), "", "permission denied reading the file") from None
+        raise ConfigError(source, "", "permission denied reading the file") from None
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read it: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            source, "", f"expected UTF-8 text, got byte {data[exc.start]:#04x} at offset {exc.start}"
+        ) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), "", f"invalid TOML: {exc}") from None
+        raise ConfigError(source, "", f"invalid TOML: {exc}") from None
+
+
+def _check_finite(value: Any, source: str, where: str) -> None:
+    """Refuse nan and inf anywhere in the file: no setting means either."""
+    if isinstance(value, float) and not math.isfinite(value):
+        table, _, key = where.rpartition(".")
+        raise ConfigError(source, f"[{table}] {key}" if table else key, f"expected a finite number, got {value}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, source, f"{where}.{key}" if where else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_finite(item, source, f"{where}[{index}]")
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _check_values(file: ConfigFile, mqtt: MqttConfig, source: str) -> None:
+    """What the types cannot say: topics that can be published to, an address to bind, files to read, names."""
+    base = file.supervisor.base_topic
+    topics = {
+        "[supervisor] base_topic": base,
+        "[mqtt] availability_topic": mqtt.availability_topic,
+        "[homeassistant] discovery_prefix": file.homeassistant.discovery_prefix,
+        "[homeassistant] status_topic": file.homeassistant.status_topic,
+    }
+    for key, topic in topics.items():
+        problem = publish_topic_problem(topic)
+        if problem is not None:
+            raise ConfigError(source, key, f"expected an MQTT topic without wildcards, but {problem}")
+    if base.startswith("$"):
+        raise ConfigError(
+            source,
+            "[supervisor] base_topic",
+            f"expected a topic not starting with '$' (the broker's own), got {base!r}",
+        )
+    if not mqtt.host.strip() or any(c.isspace() or c == "\0" for c in mqtt.host):
+        raise ConfigError(source, "[mqtt] host", f"expected a host name or address, got {mqtt.host!r}")
+    if not mqtt.client_id or "\0" in mqtt.client_id:
+        raise ConfigError(source, "[mqtt] client_id", f"expected a non-empty client id, got {mqtt.client_id!r}")
+    try:
+        ipaddress.ip_address(file.metrics.bind)
+    except ValueError:
+        raise ConfigError(
+            source,
+            "[metrics] bind",
+            f"expected an IP address such as 127.0.0.1, 0.0.0.0 or ::, got {file.metrics.bind!r}",
+        ) from None
+    paths = {"[supervisor] state_dir": file.supervisor.state_dir, "[mqtt] password_file": mqtt.password_file or ""}
+    for key, value in paths.items():
+        if "\0" in value:
+            raise ConfigError(source, key, f"expected a path, got {value!r} (it holds a NUL character)")
+    tls = mqtt.tls
+    if tls.enabled:
+        for key, name in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file), ("key_file", tls.key_file)):
+            if name is not None and not (Path(name).is_file() and os.access(name, os.R_OK)):
+                raise ConfigError(source, f"[mqtt.tls] {key}", f"expected a readable file, got {name!r}")
+    for name in file.workers:
+        if not _SAFE_NAME.fullmatch(name):
+            raise ConfigError(
+                source,
+                f"[workers.{name}]",
+                "expected a worker name of ASCII letters, digits, '_' and '-' (it is used in topics and Home "
+                "Assistant ids)",
+            )
 
 
 def _resolve_mqtt(mqtt: MqttConfig, base_topic: str, environ: dict[str, str], source: str) -> MqttConfig:
@@ -259,9 +353,10 @@ def _password(mqtt: MqttConfig, environ: dict[str, str], source: str) -> Secret 
     if mqtt.password_file:
         try:
             return Secret(Path(mqtt.password_file).read_text().rstrip("\r\n"))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path, or a file that is not UTF-8
+            problem = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise ConfigError(
-                source, "[mqtt] password_file", f"cannot read {mqtt.password_file}: {exc.strerror}"
+                source, "[mqtt] password_file", f"cannot read {mqtt.password_file}: {problem}"
             ) from None
     return None
 
@@ -282,6 +377,13 @@ def _worker_settings(
         key = f"[{table}] worker" if supervision.worker else f"[{table}]"
         raise ConfigError(source, key, f"no worker named {kind!r}; workers found: {found}")
     worker_class = available[kind]
+    if supervision.backoff_max_seconds < supervision.backoff_min_seconds:
+        raise ConfigError(
+            source,
+            f"[{table}] backoff_max_seconds",
+            f"expected >= backoff_min_seconds ({supervision.backoff_min_seconds:g}), "
+            f"got {supervision.backoff_max_seconds:g}",
+        )
     config = _convert(own_keys, worker_class.Config, source, table, also_known=SUPERVISION_KEYS)
     return WorkerSettings(name=name, worker_class=worker_class, supervision=supervision, config=config)
 

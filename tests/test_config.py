@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -265,3 +266,128 @@ def test_an_error_inside_a_table_of_tables_is_reported_not_raised(tmp_path: Path
     expected = r'config.toml: \[workers.batch_scheduler.jobs.<name>\] task: expected one of "analysis", "retention"$'
     with pytest.raises(ConfigError, match=expected):
         config.load(write(tmp_path, text), {})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '[supervisor]\nbase_topic = ""',
+            r"\[supervisor\] base_topic: expected an MQTT topic without wildcards, but the topic is empty$",
+        ),
+        (
+            '[supervisor]\nbase_topic = "home/#"',
+            r"\[supervisor\] base_topic: expected an MQTT topic without wildcards, "
+            r"but the topic 'home/#' contains a wildcard \(\+ or #\)$",
+        ),
+        ('[supervisor]\nbase_topic = "a/+/b"', r"\[supervisor\] base_topic: .* contains a wildcard"),
+        ('[supervisor]\nbase_topic = "$SYS/x"', r"\[supervisor\] base_topic: expected a topic not starting with '\$'"),
+        ('[supervisor]\nbase_topic = "a\\u0000b"', r"\[supervisor\] base_topic: .* contains a NUL character$"),
+        ('[mqtt]\navailability_topic = "x/#"', r"\[mqtt\] availability_topic: .* contains a wildcard"),
+        ('[homeassistant]\nstatus_topic = "+/status"', r"\[homeassistant\] status_topic: .* contains a wildcard"),
+        ('[homeassistant]\ndiscovery_prefix = ""', r"\[homeassistant\] discovery_prefix: .* the topic is empty$"),
+        ('[mqtt]\nhost = ""', r"\[mqtt\] host: expected a host name or address, got ''$"),
+        ('[mqtt]\nhost = "a b"', r"\[mqtt\] host: expected a host name or address, got 'a b'$"),
+        (
+            '[metrics]\nbind = "everywhere"',
+            r"\[metrics\] bind: expected an IP address such as 127.0.0.1, 0.0.0.0 or ::, got 'everywhere'$",
+        ),
+        ("[mqtt]\nreconnect_min_seconds = nan", r"\[mqtt\] reconnect_min_seconds: expected a finite number, got nan$"),
+        (
+            "[supervisor]\nshutdown_timeout_seconds = inf",
+            r"\[supervisor\] shutdown_timeout_seconds: expected a finite number, got inf$",
+        ),
+        (
+            "[supervisor]\nshutdown_timeout_seconds = 1e30",
+            r"\[supervisor\] shutdown_timeout_seconds: expected float <= 31536000",
+        ),
+        (
+            "[mqtt]\nsession_expiry_seconds = 99999999999",
+            r"\[mqtt\] session_expiry_seconds: expected int <= 4294967295",
+        ),
+        (
+            '[mqtt.tls]\nenabled = true\nca_file = "/nonexistent/ca.pem"',
+            r"\[mqtt.tls\] ca_file: expected a readable file, got '/nonexistent/ca.pem'$",
+        ),
+        (
+            '[workers."a/b"]\ntopics = ["x"]\nout = "y"\nworker = "echo"',
+            r"\[workers.a/b\]: expected a worker name of ASCII letters, digits, '_' and '-'",
+        ),
+        ('[workers."a#"]\ntopics = ["x"]\nout = "y"\nworker = "echo"', r"\[workers.a#\]: expected a worker name"),
+        ('[workers."café"]\ntopics = ["x"]\nout = "y"\nworker = "echo"', r"\[workers.café\]: expected a worker name"),
+        (
+            '[workers.echo]\ntopics = ["x"]\nout = "y"\nbackoff_min_seconds = 5.0\nbackoff_max_seconds = 1.0',
+            r"\[workers.echo\] backoff_max_seconds: expected >= backoff_min_seconds \(5\), got 1$",
+        ),
+    ],
+)
+def test_nonsense_values_are_refused_with_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path))}/config.toml: {expected}"):
+        load(tmp_path, text + "\n")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("[mqtt]\nport = 1883\n".encode("utf-16"), r"expected UTF-8 text, got byte 0xff at offset 0$"),
+        (bytes(range(256)), r"expected UTF-8 text, got byte 0x80 at offset 128$"),
+    ],
+)
+def test_a_config_file_that_is_not_utf8_text_is_refused_with_one_line(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {expected}"):
+        config.load(path, {})
+
+
+def test_a_fifo_given_as_the_config_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r": expected a regular TOML file, got a pipe, socket or device$"):
+        config.load(fifo, {})
+
+
+_HOSTILE_VALUES = [
+    '""',
+    '"#"',
+    '"a/+/b"',
+    '"\\u0000"',
+    '"é/ü"',
+    f'"{"x" * 5000}"',
+    "-1",
+    "0",
+    "1e300",
+    "nan",
+    "-inf",
+    str(2**70),
+    "true",
+    "[]",
+    "{}",
+    '["#"]',
+]
+
+
+def test_every_mutation_of_the_shipped_config_is_accepted_or_refused_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from supervisor import cli
+
+    lines = (ROOT / "deploy" / "config.toml").read_text().splitlines()
+    keys = [i for i, line in enumerate(lines) if re.match(r"^#? ?[a-z_]+ = ", line)]
+    path = tmp_path / "config.toml"
+    outcomes: dict[int, int] = {}
+    for index in keys:
+        key = lines[index].lstrip("# ").split(" = ")[0]
+        for value in _HOSTILE_VALUES:
+            mutated = [*lines]
+            mutated[index] = f"{key} = {value}"
+            path.write_text("\n".join(mutated) + "\n")
+            code = cli.main(["--config", str(path), "--check-config"])
+            err = capsys.readouterr().err
+            assert code in (0, 2), (key, value, code, err)
+            if code == 2:
+                assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, (key, value, err)
+            outcomes[code] = outcomes.get(code, 0) + 1
+    assert outcomes[2] > outcomes.get(0, 0) > 0  # most are nonsense; some are fine (a key set to its own kind)
