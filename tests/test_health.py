@@ -200,10 +200,14 @@ def test_the_status_is_degraded_while_a_workers_every_recent_message_fails_and_o
     mqtt.wait_for(status_topic, lambda m: m.json()["status"] == "ok")
     for _ in range(3):
         mqtt.publish(f"{prefix}/in/x", "raise")
-    degraded = mqtt.wait_for(status_topic, lambda m: m.json()["status"] == "degraded")[-1].json()
-    assert degraded["problems"] == ["worker echo: its last 3 messages or runs failed"]
+    failing = ["worker echo: its last 3 messages or runs failed"]
+    degraded = mqtt.wait_for(status_topic, lambda m: m.json()["problems"] == failing)[-1].json()
+    assert degraded["status"] == "degraded"
     mqtt.publish(f"{prefix}/in/x", "fine")
-    mqtt.wait_for(status_topic, lambda m: m.json()["status"] == "ok", count=2)
+    wait_echo(mqtt, f"{prefix}/out/echo", "fine")
+    mqtt.publish(f"{supervisors.base}/request/status", "")
+    (reply,) = mqtt.wait_for(f"{supervisors.base}/response/status")
+    assert (reply.json()["status"]["status"], reply.json()["status"]["problems"]) == ("ok", [])
 
 
 def test_each_worker_carries_only_the_status_fields_that_apply_to_it(

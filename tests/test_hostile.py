@@ -6,6 +6,7 @@ Each test sends what an attacker on the home network could send, then shows the 
 from __future__ import annotations
 
 import json
+import random
 import re
 import resource
 import socket
@@ -18,12 +19,15 @@ import pytest
 from conftest import SupervisorFactory, SupervisorProcess
 from support import MqttProbe, descendants, free_port
 from test_health import scrape_until
+from test_shipped_workers import SHIPPED, minimal, tables
 from test_supervisor import echo, start, wait_echo
 from test_worker_ha_responder import config_topic, request
 from test_worker_ha_responder import start as start_with_ha
 
 from contracts.decoding import BoundedJson, InputRejected, check_json
 from contracts.homeassistant import DiscoveryBundle
+from supervisor import config
+from supervisor.core import site_of, worker_subscriptions
 from supervisor.errors import StateBrokenError
 from supervisor.loop import Loop
 
@@ -200,8 +204,8 @@ def test_hostile_discovery_configs_neither_pull_in_the_broker_nor_reach_the_cont
         "wild": {"name": "wild", "cmd_t": f"{prefix}/x/+"},
         "empty": {"name": "empty", "cmd_t": ""},
     }
-    for object_id, config in hostile.items():
-        mqtt.publish(f"{ha}/switch/evil/{object_id}/config", json.dumps(config))
+    for object_id, discovery in hostile.items():
+        mqtt.publish(f"{ha}/switch/evil/{object_id}/config", json.dumps(discovery))
     for n in range(5):
         mqtt.publish(f"{ha}/sensor/many/s{n}/config", json.dumps({"stat_t": f"{prefix}/many/{n}"}))
     listed = request(mqtt, base, "list_devices", {})["devices"]
@@ -242,3 +246,73 @@ def test_a_worker_whose_resident_memory_passes_its_limit_is_killed_and_reported(
         f"{supervisors.base}/status", lambda m: m.json()["workers"]["echo"]["restart_reasons"].get("memory")
     )
     assert status[-1].json()["workers"]["echo"]["errors"]["memory"] == 1
+
+
+# Fuzzing -------------------------------------------------------------------------------------------------------------
+
+
+def adversarial_payloads(rng: random.Random) -> list[bytes]:
+    return [
+        DEEP,
+        b"[" * 5000,  # deep and unterminated
+        b'{"a": ' * 3000,
+        b"\xff\xfe\x00\x80 not utf-8",
+        bytes(rng.randrange(256) for _ in range(300)),
+        b"",
+        b"null",
+        b"[]",
+        b'{"worker": 5, "device": [], "id": {}, "task": null, "items": "x", "reply_to": "#", "state": {"s": 1}}',
+        b'{"worker": "nobody"}',
+        b'{"reply_to": "", "id": "x", "task": "shorten", "items": ["a"]}',
+        b'{"success": {"deep": [1, 2]}, "automation_id": ["x"]}',
+        b"9" * 5000,
+        b'"' + b"\\u0000" * 1000 + b'"',
+        json.dumps({"name": "x", "stat_t": "#", "cmd_t": "+", "avty_t": "", "~": "#"}).encode(),
+        b"x" * (1024 * 1024 + 1),  # over [mqtt] max_payload_bytes
+    ]
+
+
+def concrete(topic_filter: str, rng: random.Random) -> str:
+    levels = [
+        rng.choice(["a", "x1", "light", "kitchen"]) if level == "+" else level for level in topic_filter.split("/")
+    ]
+    if levels[-1] == "#":
+        levels[-1:] = rng.choice([["a"], ["a", "b", "c"], ["state"]])
+    return "/".join(levels)
+
+
+def test_random_and_adversarial_payloads_on_every_subscribed_topic_stop_nothing(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    workers = {name: minimal(name, prefix) for name in SHIPPED}
+    mqtt.subscribe(f"{prefix}/#")
+    process = supervisors.start(workers, **tables(prefix))
+    base = supervisors.base
+    every_running = lambda m: {w["state"] for w in m.json()["workers"].values()} == {"running"}  # noqa: E731
+    mqtt.wait_for(f"{base}/status", every_running, timeout=20)
+    settings = config.load(process.config_path, {})
+    site = site_of(settings)
+    filters = {s.topic_filter for w in settings.workers for s in worker_subscriptions(w, site)} | {f"{base}/request/+"}
+    assert all(f.startswith(prefix) for f in filters)  # nothing outside this test's topics is touched
+    rng = random.Random(17)
+    retained: set[str] = set()
+    sent = 0
+    for topic_filter in sorted(filters):
+        for payload in adversarial_payloads(rng):
+            topic = concrete(topic_filter, rng)
+            retain = rng.random() < 0.2
+            response_topic = rng.choice([None, None, f"{prefix}/r/#", f"{prefix}/r/+/x", f"{prefix}/ok"])
+            mqtt.publish(topic, payload, qos=rng.choice([0, 1]), retain=retain, response_topic=response_topic)
+            sent += 1
+            if retain:
+                retained.add(topic)
+    for topic in retained:
+        mqtt.publish(topic, b"", retain=True)
+    status = status_answered(mqtt, base)["status"]
+    assert {name: (w["state"], w["restarts"]) for name, w in status["workers"].items()} == {
+        name: ("running", 0) for name in SHIPPED
+    }
+    assert request(mqtt, base, "list_devices", {})["ok"] is True  # ha_responder still answers
+    log = process.log()
+    assert "unexpected error in the supervisor's loop" not in log  # nothing even reached the last line of defence
+    assert process.process.poll() is None and sent == len(filters) * len(adversarial_payloads(rng)) > 200
