@@ -55,6 +55,11 @@ class Deliveries:
                 del self._outbound[message_id]
                 self._forget(outbound[1])
 
+    def row_of(self, message_id: int) -> int | None:
+        """The outbox row of publication `message_id`, while it is owed to someone."""
+        outbound = self._outbound.get(message_id)
+        return outbound[1] if outbound is not None else None
+
     def connection_lost(self) -> None:
         """Acknowledgements owed on the connection that just ended will never be sent."""
         self._connection += 1

@@ -41,6 +41,7 @@ _READ_CHUNK = 64 * 1024  # see channel._READ_SIZE: a read of more than 128 KiB c
 _DISCONNECT = 0xE0
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+_PACKET_TOO_LARGE = ReasonCode(PacketTypes.DISCONNECT, "Packet too large")
 # The MQTT 5 user property that carries every publication's stable id (identifier 0x26, then the key).
 PUBLICATION_ID_KEY = "publication-id"
 _PUBLICATION_ID_PROPERTY = b"\x26" + len(PUBLICATION_ID_KEY).to_bytes(2, "big") + PUBLICATION_ID_KEY.encode()
@@ -167,6 +168,15 @@ class _BufferedClient(paho.Client):
         """Bytes already read from the socket that paho has not consumed yet."""
         return self._position < len(self._buffer)
 
+    def refuse_unconfirmed(self, chosen: Callable[[paho.MQTTMessage], bool], reason: ReasonCode) -> int:
+        """Give up the unconfirmed QoS 1/2 publications `chosen` picks, as if the broker had refused them (paho would
+        send them again on every connection); returns how many."""
+        with self._out_message_mutex:
+            mids = [mid for mid, message in self._out_messages.items() if message.qos > 0 and chosen(message)]
+            for mid in mids:
+                self._do_on_publish(mid, reason, _NO_PROPERTIES)
+        return len(mids)
+
     def drop_buffers(self) -> None:
         """Forget what was read or queued on the previous connection."""
         self._buffer, self._position = b"", 0
@@ -264,6 +274,7 @@ class MqttLink:
         self._quiet = False  # the last problem was a repeat, logged at debug level only
         self._connected_at = 0.0
         self._v5 = config.protocol == 5
+        self.max_packet_size: int | None = None  # MQTT 5: what the broker said it takes, on this connection
         self._id_prefix = os.urandom(6).hex()  # this run's: ids stay unique across restarts and supervisors
         self._id_count = itertools.count(1)
         self._client = self._build_client(password)
@@ -295,6 +306,14 @@ class MqttLink:
         self.loop.call_later(_MISC_INTERVAL, self._misc)
         self._connect()
 
+    def size_problem(self, topic: str, payload: bytes) -> str | None:
+        """Why a publication is too large for the broker (which would drop the connection for it), or None."""
+        limit = self.max_packet_size
+        if limit is None:
+            return None
+        size = _packet_size(len(topic.encode(errors="surrogatepass")), len(payload))
+        return f"{size} bytes, more than the broker's maximum packet size ({limit})" if size > limit else None
+
     def new_publication_id(self) -> str:
         """A new stable id for a publication: unique across runs and supervisors, kept with it in the outbox."""
         return f"{self._id_prefix}-{next(self._id_count):x}"
@@ -319,8 +338,8 @@ class MqttLink:
         if qos == 0 and not self.connected:
             self.publish_errors += 1
             return None
-        problem = publish_topic_problem(topic)
-        if problem is not None:  # paho would raise, and a broker drops the connection for it
+        problem = publish_topic_problem(topic) or self.size_problem(topic, payload)
+        if problem is not None:  # paho would raise, or the broker would drop the connection for it
             self.publish_errors += 1
             log.warning("refused to publish: %s", problem)
             return None
@@ -597,6 +616,7 @@ class MqttLink:
             flags.session_present,
         )
         self.connected = True
+        self.max_packet_size = getattr(properties, "MaximumPacketSize", None)
         self._connected_at = self.loop.clock()
         if self._ever_connected:
             self.reconnects += 1
@@ -620,6 +640,8 @@ class MqttLink:
         self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
     ) -> None:
         was_connected, self.connected = self.connected, False
+        if reason == _PACKET_TOO_LARGE:  # after this callback: paho holds its callback lock until it returns
+            self.loop.call_later(0, self._refuse_oversized)
         if was_connected:
             if not self._stopping:
                 text = f"disconnected from the broker: {reason}"
@@ -628,6 +650,22 @@ class MqttLink:
                 self._problem(text)
             self.listener.link_disconnected(str(reason))
         self._schedule_reconnect()
+
+    def _refuse_oversized(self) -> None:
+        """The broker dropped the connection for a packet too large: give up the publications that cannot be it,
+        or else it happens again on every connection (paho sends unconfirmed publications again)."""
+        limit = self.max_packet_size
+        sizes = [len(m.payload) for m in self._client._out_messages.values() if m.qos > 0]
+        largest = max(sizes, default=-1)
+
+        def chosen(message: paho.MQTTMessage) -> bool:
+            if limit is not None:
+                return _packet_size(len(message._topic), len(message.payload)) > limit
+            return len(message.payload) == largest  # the broker named no limit: the largest is the likeliest
+
+        refused = self._client.refuse_unconfirmed(chosen, _PACKET_TOO_LARGE)
+        if refused:
+            log.error("the broker dropped the connection for a packet too large; gave up %d publication(s)", refused)
 
     def _on_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Any
@@ -678,6 +716,11 @@ class MqttLink:
             publication_id=publication_id if isinstance(publication_id, str) else None,
         )
         self.listener.message_received(incoming)
+
+
+def _packet_size(topic_bytes: int, payload_bytes: int) -> int:
+    """An upper bound of the size of a PUBLISH packet (a properties block of up to 128 bytes included)."""
+    return 1 + 4 + 2 + topic_bytes + 2 + 128 + payload_bytes
 
 
 def _ignore(client: paho.Client, userdata: Any, sock: Any) -> None:

@@ -53,6 +53,19 @@ CREATE TABLE IF NOT EXISTS publications (
     expiry INTEGER,
     local_only INTEGER NOT NULL,
     publication_id TEXT
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    worker TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    expiry INTEGER,
+    local_only INTEGER NOT NULL,
+    publication_id TEXT,
+    reason TEXT NOT NULL,
+    time TEXT NOT NULL
 )
 """
 
@@ -117,6 +130,21 @@ class Outbox:
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             self._transactions = 0
 
+    def quarantine(self, row: int, reason: str) -> None:
+        """Keep a copy of row `row`, which the broker refused (or dropped the connection for), in the quarantine
+        table, for a person to look at; the row itself is removed as usual once nobody waits for it."""
+        self.commit()
+        self._db.execute(
+            "INSERT OR REPLACE INTO quarantine SELECT id, worker, topic, payload, qos, retain, expiry, local_only, "
+            "publication_id, ?, datetime('now') FROM publications WHERE id = ?",
+            (reason, row),
+        )
+        self._transactions += 1
+
+    def quarantined(self) -> list[tuple[str, str, str]]:
+        """(topic, reason, time) of every quarantined publication, oldest first."""
+        return list(self._db.execute("SELECT topic, reason, time FROM quarantine ORDER BY id"))
+
     def pending(self) -> list[tuple[int, str, Publish, str | None]]:
         """Every stored publication with its row, publisher and publication id (None in rows written before ids
         were kept), oldest first: what a previous run left undelivered."""
@@ -178,7 +206,7 @@ def _open(path: Path, synchronous: str) -> tuple[sqlite3.Connection, int, int]:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.execute("PRAGMA wal_autocheckpoint=0")  # `tidy` checkpoints, outside the commits
-        db.execute(_SCHEMA)
+        db.executescript(_SCHEMA)
         columns = {name for _, name, *_ in db.execute("PRAGMA table_info(publications)")}
         if "publication_id" not in columns:  # an outbox written by a version without publication ids
             db.execute("ALTER TABLE publications ADD COLUMN publication_id TEXT")

@@ -74,6 +74,8 @@ class Publisher:
         """Deliver what worker `source` published; False when its topic cannot be published to (refused, logged,
         never stored: a broker drops the connection of a client that publishes to such a topic)."""
         problem = publish_topic_problem(publication.topic)
+        if problem is None and not publication.local_only:
+            problem = self.link.size_problem(publication.topic, publication.payload)
         if problem is not None:
             log.warning("refused a publication of %s: %s", source, problem)
             return False
@@ -124,7 +126,10 @@ class Publisher:
         if message_id is None:
             return  # a QoS 0 publication, or one of the link's own (birth, will)
         if failure is not None:
-            log.warning("the broker refused publication %d: %s", mid, failure)
+            row = self.deliveries.row_of(message_id)
+            if row is not None and self.outbox is not None:
+                self.outbox.quarantine(row, failure)
+            log.warning("the broker refused publication %d: %s; kept aside in the outbox's quarantine", mid, failure)
         self.deliveries.done(message_id)
 
     def forget(self, row: int) -> None:

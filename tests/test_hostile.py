@@ -9,27 +9,31 @@ import json
 import random
 import re
 import resource
+import signal
 import socket
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-from conftest import SupervisorFactory, SupervisorProcess
-from support import MqttProbe, descendants, free_port
+from conftest import SupervisorFactory, SupervisorProcess, supervisors_on
+from support import Broker, MqttProbe, descendants, free_port
 from test_health import scrape_until
 from test_shipped_workers import SHIPPED, minimal, tables
 from test_supervisor import echo, start, wait_echo
 from test_worker_ha_responder import config_topic, request
 from test_worker_ha_responder import start as start_with_ha
 
+from contracts import Publish
 from contracts.decoding import BoundedJson, InputRejected, check_json
 from contracts.homeassistant import DiscoveryBundle
 from supervisor import config
 from supervisor.core import site_of, worker_subscriptions
 from supervisor.errors import StateBrokenError
 from supervisor.loop import Loop
+from supervisor.outbox import Outbox
 
 DEEP = b'{"worker": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
 
@@ -316,3 +320,56 @@ def test_random_and_adversarial_payloads_on_every_subscribed_topic_stop_nothing(
     log = process.log()
     assert "unexpected error in the supervisor's loop" not in log  # nothing even reached the last line of defence
     assert process.process.poll() is None and sent == len(filters) * len(adversarial_payloads(rng)) > 200
+
+
+# What a broker drops the connection for --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_packet_broker(tmp_path: Path) -> Iterator[Broker]:
+    (tmp_path / "small").mkdir()
+    with Broker.serving(tmp_path / "small", "allow_anonymous true\nmax_packet_size 2000\n") as broker:
+        yield broker
+
+
+def test_a_publication_over_the_brokers_maximum_packet_size_is_refused_and_the_connection_stays(
+    small_packet_broker: Broker, tmp_path: Path, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    with supervisors_on(small_packet_broker, tmp_path, prefix, request) as factory:
+        probe = MqttProbe(small_packet_broker.port)
+        try:
+            start(factory, probe, {"echo": echo(prefix, qos=1)})
+            probe.publish(f"{prefix}/in/x", "big:3000")
+            probe.publish(f"{prefix}/in/x", "after")
+            wait_echo(probe, f"{prefix}/out/echo", "after")
+            status = status_answered(probe, factory.base)["status"]
+            assert status["workers"]["echo"]["errors"]["publish"] == 1
+            assert (status["mqtt"]["reconnects"], status["outbox_messages"]) == (0, 0)
+        finally:
+            probe.close()
+
+
+def test_a_stored_publication_the_broker_drops_the_connection_for_is_quarantined_and_the_link_recovers(
+    small_packet_broker: Broker, tmp_path: Path, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    outbox = Outbox(tmp_path / "state" / "outbox.sqlite3")  # as a run before the broker's limit was set left it
+    outbox.add("echo", Publish(topic=f"{prefix}/big", payload=b"x" * 3000, qos=1), "old-run-1")
+    outbox.add("echo", Publish(topic=f"{prefix}/small", payload=b"fits", qos=1), "old-run-2")
+    outbox.close()
+    with supervisors_on(small_packet_broker, tmp_path, prefix, request) as factory:
+        probe = MqttProbe(small_packet_broker.port)
+        try:
+            process = start(factory, probe, {"echo": echo(prefix, qos=1)})
+            probe.wait_for(f"{prefix}/small")
+            process.wait_log("gave up 1 publication(s)")
+            assert status_answered(probe, factory.base)["status"]["outbox_messages"] == 0
+            process.signal(signal.SIGTERM)
+            assert process.wait() == 0
+        finally:
+            probe.close()
+    outbox = Outbox(tmp_path / "state" / "outbox.sqlite3")
+    try:
+        ((topic, reason, _),) = outbox.quarantined()
+        assert (topic, reason, outbox.pending()) == (f"{prefix}/big", "Packet too large", [])
+    finally:
+        outbox.close()

@@ -161,8 +161,11 @@ def test_an_entity_follows_its_worker_down_and_up(
     start(supervisors, mqtt, prefix, declarer={"sensors": ["temperature"]})
     availability = f"{supervisors.base}/worker/declarer/availability"
     mqtt.wait_for(availability, lambda m: m.text == "online")
+    online = len(mqtt.received(availability))
     mqtt.publish(f"{supervisors.base}/request/stop", json.dumps({"worker": "declarer"}))
-    mqtt.wait_for(availability, lambda m: m.text == "offline")
+    # (an "offline" may have come already, published while the worker was starting)
+    mqtt.wait_for(f"{supervisors.base}/status", lambda m: m.json()["workers"]["declarer"]["state"] == "stopped")
+    assert mqtt.received(availability)[online:] and mqtt.received(availability)[-1].text == "offline"
     mqtt.publish(f"{supervisors.base}/request/start", json.dumps({"worker": "declarer"}))
     mqtt.wait_for(availability, lambda m: m.text == "online", count=2)
 

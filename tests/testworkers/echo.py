@@ -14,9 +14,10 @@ on `<out>/echo`, unless the payload is a command:
 - `thread:<seconds>` sleeps on a background thread (`ctx.run_in_thread`), then publishes `slept <seconds>` on
   `<out>/thread`; `thread_raise` raises there instead (the worker then reports it as a `handler` error);
 - `subscribe:<filter>` subscribes to one more filter (`ctx.subscribe`) and replies;
-- `forward:<topic>` publishes to `<topic>`; `env:<NAME>` publishes the environment variable NAME (or `<unset>`)
-  on `<out>/env`; `find:<sha256>` publishes on `<out>/found` how many strings or bytes reachable from any Python
-  object of the process (the collector unfrozen first, as a snooping worker would) have that SHA-256.
+- `forward:<topic>` publishes to `<topic>`; `big:<n>` publishes `n` bytes on `<out>/big`; `env:<NAME>` publishes
+  the environment variable NAME (or `<unset>`) on `<out>/env`; `find:<sha256>` publishes on `<out>/found` how many
+  strings or bytes reachable from any Python object of the process (the collector unfrozen first, as a snooping
+  worker would) have that SHA-256.
 Touches nothing outside.
 """
 
@@ -122,6 +123,9 @@ class Echo(Worker[EchoConfig]):
             return
         if text.startswith("find:"):
             ctx.publish(f"{self.config.out}/found", str(_count_reachable(text.removeprefix("find:"))), qos=1)
+            return
+        if text.startswith("big:"):
+            ctx.publish(f"{self.config.out}/big", b"x" * int(text.removeprefix("big:")), qos=self.config.qos)
             return
         if text.startswith("forward:"):
             ctx.publish(
