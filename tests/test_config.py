@@ -321,9 +321,17 @@ def test_an_error_inside_a_table_of_tables_is_reported_not_raised(tmp_path: Path
         ),
     ],
 )
-def test_nonsense_values_are_refused_with_one_line_naming_the_key(tmp_path: Path, text: str, expected: str) -> None:
+def test_nonsense_values_are_refused_by_check_config_with_one_line_naming_the_key(
+    tmp_path: Path, text: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from supervisor import cli
+
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path))}/config.toml: {expected}"):
         load(tmp_path, text + "\n")
+    path = tmp_path / "config.toml"  # as `load` left it, with the test workers' package
+    assert cli.main(["--config", str(path), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(rf"^error: {re.escape(str(path))}: {expected}", err), err
 
 
 @pytest.mark.parametrize(
