@@ -8,10 +8,16 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test check bench mosquitto promtool clean
 
+# Runtime packages only (what `make run` needs on the box that runs it).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { echo 'installing python3-venv with apt-get'; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# The test and dev extras on top (pytest, ruff, mypy), for `make test`, `make check` and `make bench`.
+$(VENV)/.dev-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $@
 
@@ -34,14 +40,14 @@ promtool:
 run: $(VENV)/.installed
 	scripts/run-local $(PY) $(CONFIG)
 
-test: $(VENV)/.installed mosquitto promtool
+test: $(VENV)/.dev-installed mosquitto promtool
 	$(PY) -m pytest
 
-check: $(VENV)/.installed
+check: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check supervisor contracts workers tests
 	$(VENV)/bin/mypy
 
-bench: $(VENV)/.installed mosquitto
+bench: $(VENV)/.dev-installed mosquitto
 	$(PY) -m tests.bench
 
 clean:

@@ -245,7 +245,7 @@ class Supervisor:
         send.setblocking(False)
         receive.setblocking(False)
         signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, lambda *_: None)  # the wake-up fd carries the signal number to the loop
 
         def signalled() -> None:
@@ -253,6 +253,8 @@ class Supervisor:
                 if signum in (signal.SIGTERM, signal.SIGINT):
                     log.info("received %s", signal.Signals(signum).name)
                     self.shutdown()
+                elif signum == signal.SIGHUP:  # its default action would end the supervisor without a word
+                    log.warning("received SIGHUP: reloading the config is not supported yet; running on unchanged")
 
         self.loop.add_reader(receive, signalled)
         return receive, send

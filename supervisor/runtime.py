@@ -173,10 +173,12 @@ def _status_kib(field: str) -> int:
 
 
 def _reset_signals() -> None:
-    """Signal handling of a worker: SIGTERM ends it, SIGINT (Ctrl-C reaches the whole group) is the supervisor's."""
+    """Signal handling of a worker: SIGTERM ends it; SIGINT (Ctrl-C reaches the whole group) and SIGHUP (a terminal
+    hanging up) are the supervisor's."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _die_with_parent() -> None:

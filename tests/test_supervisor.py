@@ -459,3 +459,13 @@ def test_a_subscription_made_while_running_takes_effect_and_delivers_once(
     for out in (f"{prefix}/out/echo", f"{prefix}/out/other"):
         wait_echo(mqtt, out, "after")  # a duplicate of "hello" would have come before it
         assert len(echoes(mqtt, out, "hello")) == 1, out
+
+
+def test_sighup_is_logged_and_changes_nothing(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix)})
+    process.signal(signal.SIGHUP)
+    process.wait_log("received SIGHUP: reloading the config is not supported yet; running on unchanged")
+    mqtt.publish(f"{prefix}/in/x", "after the hang-up")
+    wait_echo(mqtt, f"{prefix}/out/echo", "after the hang-up")
+    assert len(started_pids(mqtt, f"{prefix}/out/echo")) == 1  # the worker too is as it was
+    assert process.process.poll() is None
