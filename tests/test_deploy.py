@@ -18,7 +18,8 @@ from support import MqttProbe, accepts_connections, free_port
 from test_health import samples, scrape
 from test_supervisor import echo, start
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
 DASHBOARD = json.loads((DEPLOY / "grafana" / "mqtt-home-supervisor.json").read_text())
 
 
@@ -105,3 +106,15 @@ def test_the_mosquitto_config_starts_with_persistence(tmp_path: Path) -> None:
         broker.terminate()
         broker.wait(10)
     assert (tmp_path / "mosquitto.db").exists()  # persistence wrote its file on the way out
+
+
+def test_make_run_installs_the_runtime_packages_only_and_make_test_adds_the_extras() -> None:
+    def planned(target: str) -> str:
+        result = subprocess.run(
+            ["make", "--dry-run", "--always-make", target], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        return result.stdout
+
+    run = planned("run")
+    assert "pip install --quiet -e .\n" in run and "[test" not in run and "pytest" not in run
+    assert "pip install --quiet -e '.[test,dev]'" in planned("test")
