@@ -9,6 +9,7 @@ maximum, and on every connect the link publishes the birth message and subscribe
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -190,7 +191,7 @@ class _PublishProperties(Properties):
     _packed: bytes
 
     def __init__(self, packed: bytes) -> None:  # not Properties.__init__: nothing but `pack` is ever used
-        object.__setattr__(self, "_packed", packed)  # Properties.__setattr__ only admits MQTT property names
+        self.__dict__["_packed"] = packed  # Properties.__setattr__ only admits MQTT property names
 
     def pack(self) -> bytes:
         return self._packed
@@ -203,14 +204,19 @@ class _PublishProperties(Properties):
 
 def _publish_properties(expiry: int | None, correlation_data: bytes | None, publication_id: str) -> Properties:
     """MQTT 5 PUBLISH properties: message expiry, correlation data, and the publication id as a user property."""
-    body = bytearray()
-    if expiry:
-        body += b"\x02" + expiry.to_bytes(4, "big")
-    if correlation_data is not None:
-        body += b"\x09" + len(correlation_data).to_bytes(2, "big") + correlation_data
     identifier = publication_id.encode()
-    body += _PUBLICATION_ID_PROPERTY + len(identifier).to_bytes(2, "big") + identifier
-    return _PublishProperties(_variable_byte_integer(len(body)) + body)
+    parts = [_expiry_property(expiry) if expiry else b""]
+    if correlation_data is not None:
+        parts.append(b"\x09" + len(correlation_data).to_bytes(2, "big") + correlation_data)
+    parts += (_PUBLICATION_ID_PROPERTY, len(identifier).to_bytes(2, "big"), identifier)
+    body = b"".join(parts)
+    size = len(body)
+    return _PublishProperties((bytes((size,)) if size < 128 else _variable_byte_integer(size)) + body)
+
+
+@functools.lru_cache(maxsize=64)
+def _expiry_property(seconds: int) -> bytes:
+    return b"\x02" + seconds.to_bytes(4, "big")
 
 
 def _variable_byte_integer(value: int) -> bytes:
