@@ -13,12 +13,13 @@ import os
 import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from supervisor import statuspage
 from supervisor.errors import StartupError
 from supervisor.loop import Loop, TimerHandle
 from supervisor.slot import LATENCY_BUCKETS, ErrorKind, RestartReason, WorkerSlot, WorkerState
@@ -55,6 +56,10 @@ class Observed(Protocol):
 
     @property
     def outbox_backlog(self) -> int: ...
+
+    def status_document(self) -> Any:
+        """The status document as plain values (see `contracts.status`)."""
+        ...
 
 
 class SupervisorCollector(Collector):
@@ -177,6 +182,7 @@ class MetricsServer:
         self.loop = loop
         self.registry = CollectorRegistry()
         self.registry.register(SupervisorCollector(observed))
+        self.observed = observed
         try:
             self.sock = socket.create_server((bind, port), reuse_port=False)
         except OSError as exc:
@@ -234,10 +240,19 @@ class MetricsServer:
 
     def _respond(self, conn: socket.socket, request_line: bytes) -> None:
         parts = request_line.split()
-        if len(parts) >= 2 and parts[0] == b"GET" and parts[1].split(b"?")[0] in (b"/metrics", b"/"):
+        path = parts[1].split(b"?")[0] if len(parts) >= 2 and parts[0] == b"GET" else None
+        if path == b"/metrics":
             status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.registry)
+        elif path == b"/healthz":
+            code, line = statuspage.health(self.observed.status_document())
+            status, content_type = ("200 OK" if code == 200 else "503 Service Unavailable"), "text/plain"
+            body = f"{line}\n".encode()
+        elif path == b"/":
+            status, content_type = "200 OK", "text/html; charset=utf-8"
+            body = statuspage.page(self.observed.status_document())
         else:
-            status, content_type, body = "404 Not Found", "text/plain", b"only GET /metrics is served here\n"
+            status, content_type = "404 Not Found", "text/plain"
+            body = b"served here: GET /metrics, /healthz and / (a status page)\n"
         head = f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
         pending = bytearray(head.encode() + body)
         self._write(conn, pending)

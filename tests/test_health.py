@@ -363,3 +363,51 @@ def test_an_abstract_notify_socket_is_understood() -> None:
         notifier.close()
     finally:
         listener.close()
+
+
+def get(port: int, path: str) -> tuple[int, str, str]:
+    """(status, content type, body) of GET `path`, with a real HTTP client."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def get_when_served(port: int, path: str) -> tuple[int, str, str] | None:
+    try:
+        return get(port, path)
+    except urllib.error.URLError:  # not listening yet
+        return None
+
+
+def test_healthz_answers_200_while_healthy(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
+    port = free_port()
+    start(supervisors, mqtt, {"echo": echo(prefix)}, {"metrics": {"port": port}})
+    healthy = wait_until(lambda: (r := get(port, "/healthz"))[0] == 200 and r, 10, "a healthy answer")
+    assert healthy == (200, "text/plain", "ok\n")
+
+
+def test_healthz_answers_503_with_the_reason_in_one_line_while_a_worker_has_failed(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    port = free_port()
+    mqtt.subscribe(f"{prefix}/#")
+    supervisors.start({"broken_start": {"max_restarts": 0}}, metrics={"port": port})
+    failed = lambda: (r := get_when_served(port, "/healthz")) is not None and "failed" in r[2] and r  # noqa: E731
+    status, content_type, body = wait_until(failed, 15, "an answer naming the failed worker")
+    assert (status, content_type, body.count("\n")) == (503, "text/plain", 1)
+    assert body.startswith("error: worker broken_start has failed (last: exit code 1 (start_failed))")
+
+
+def test_the_status_page_shows_every_worker_in_plain_html(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    port = free_port()
+    start(supervisors, mqtt, {"echo": echo(prefix), "other": echo(prefix, "other")}, {"metrics": {"port": port}})
+    status, content_type, body = get(port, "/")
+    assert (status, content_type) == (200, "text/html; charset=utf-8")
+    assert body.startswith("<!doctype html>") and "<script" not in body and "http" not in body.replace("http-equiv", "")
+    for name in ("echo", "other"):
+        assert f"<tr><td>{name}</td><td class='running'>running</td>" in body
+    assert "MQTT connected" in body
