@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from supervisor import config, secrets  # after the identity check: another `supervisor` has no such module
     from supervisor.core import Supervisor
+    from supervisor.runtime import name_process
 
     environ = dict(os.environ) | secrets.take_handover(os.environ)
     try:
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         found = ", ".join(settings.available_workers) or "none"
         print(f"{args.config}: OK; workers enabled: {enabled}; workers found: {found}")
         return EXIT_OK
+    name_process("mqtt-supervisor")  # in top; the workers name themselves after their worker
     try:
         return supervisor_.run()
     except StartupError as exc:  # the host cannot give what start-up needs: one line, nothing left running

@@ -56,7 +56,7 @@ from supervisor.config import Settings, WorkerSettings
 from supervisor.control import ControlAPI, ControlError
 from supervisor.dedupe import Deduplicator, Window
 from supervisor.delivery import Deliveries
-from supervisor.discovery import node_id, supervisor_entities
+from supervisor.discovery import node_id, supervisor_device_name, supervisor_entities
 from supervisor.errors import ConfigError, StartupError, StateBrokenError
 from supervisor.loop import Loop
 from supervisor.metrics import MetricsServer
@@ -191,6 +191,7 @@ class Supervisor:
             self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory)
             gc.freeze()  # start-up objects leave the collector's view: shorter pauses, pages stay shared with workers
             log.info("supervisor started with workers: %s", ", ".join(self.slots) or "none")
+            self._say_where_to_look()
             while not (self._stopping and all(s.process is None for s in self.slots.values())):
                 self.loop.run_once()
             self.status.stopped()
@@ -206,6 +207,19 @@ class Supervisor:
                 sock.close()
         log.info("supervisor stopped (exit code %d)", self.exit_code)
         return self.exit_code
+
+    def _say_where_to_look(self) -> None:
+        """One line at start for the person watching: where the status, the metrics and the entities are."""
+        metrics = self.settings.metrics
+        served = f"at http://{metrics.bind}:{self.metrics.port}/ (/metrics, /healthz)" if self.metrics else "off"
+        log.info(
+            "status on %s/status (retained); metrics and a status page %s; Home Assistant: the device %r, "
+            "under %s/ (if ha_responder runs)",
+            self.site.base_topic,
+            served,
+            supervisor_device_name(),
+            self.site.discovery_prefix,
+        )
 
     def _open(self) -> None:
         """Take from the host what the supervisor needs before any worker starts: its state directory, the outbox,

@@ -28,11 +28,16 @@ def node_id(client_id: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", client_id)
 
 
+def supervisor_device_name() -> str:
+    """The supervisor's device as Home Assistant shows it."""
+    return f"MQTT home supervisor ({socket.gethostname()})"
+
+
 def supervisor_entities(site: Site, workers: Iterable[str]) -> list[Entity]:
     node, base, version = site.node_id, site.base_topic, site.sw_version
     device = Device(
         identifiers=[node],
-        name=f"MQTT home supervisor ({socket.gethostname()})",
+        name=supervisor_device_name(),
         manufacturer="mqtt-home-supervisor",
         model="supervisor",
         sw_version=version,

@@ -73,6 +73,7 @@ T = TypeVar("T")
 # What a handler raises when a payload is not what it expects: counted as `decode` errors, not handler failures.
 _UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, json.JSONDecodeError, UnicodeDecodeError)
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 _FLUSH_AFTER_SECONDS = 0.002
 _THREADS = 4  # background threads per worker for `run_in_thread`, started on first use
 
@@ -104,6 +105,7 @@ def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:
     _apply_limits(spec)
     _reset_signals()
     _die_with_parent()
+    name_process(spec.name)
     logging.basicConfig(
         level=spec.log_level,
         format=f"%(asctime)s %(levelname)s worker {spec.name}[%(process)d] %(name)s: %(message)s",
@@ -190,6 +192,13 @@ def _die_with_parent() -> None:
         return  # not Linux: the end of the pipe still stops the worker between messages
     if os.getppid() != parent:
         os._exit(0)  # the parent died before prctl took effect
+
+
+def name_process(name: str) -> None:
+    """Show `name` as this process's name in top, htop and `ps -o comm` (Linux keeps 15 bytes of it); `ps aux`
+    still shows the command line."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode()[:15])
 
 
 class _Repeating:

@@ -469,3 +469,11 @@ def test_sighup_is_logged_and_changes_nothing(supervisors: SupervisorFactory, mq
     wait_echo(mqtt, f"{prefix}/out/echo", "after the hang-up")
     assert len(started_pids(mqtt, f"{prefix}/out/echo")) == 1  # the worker too is as it was
     assert process.process.poll() is None
+
+
+def test_each_process_shows_what_it_is_in_top(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
+    process = start(supervisors, mqtt, {"echo": echo(prefix), "a_long_worker_name": echo(prefix, "a_long_worker_name")})
+    names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in descendants(process.pid)}
+    assert names == {"echo", "a_long_worker_n"}  # Linux keeps 15 bytes of a process name
+    assert Path(f"/proc/{process.pid}/comm").read_text().strip() == "mqtt-supervisor"
+    assert f"status on {supervisors.base}/status (retained); metrics and a status page off;" in process.log()
