@@ -841,3 +841,19 @@ def test_the_entities_reach_home_assistant_and_its_refresh_button_runs_the_scrap
     scraper.runs()
     mqtt.publish(button["command_topic"], button.get("payload_press", "PRESS"))  # what Home Assistant sends
     assert scraper.runs(2)[-1]["trigger"] == "command"
+
+
+def test_the_shipped_example_source_works_offline_and_never_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor import config
+    from workers._scraping import Validators, scrape
+
+    monkeypatch.chdir(ROOT)  # the example's file: URL is relative to the working directory, as under the unit
+    settings = config.load(ROOT / "deploy" / "config.toml", {})
+    (scraper,) = [w for w in settings.workers if w.name == "scraper"]
+    (source,) = [s for s in scraper.config.sources if s.name == "example"]  # type: ignore[attr-defined]
+    for today in (date(2026, 12, 1), date(2027, 6, 30)):
+        outcome = scrape(source, Validators(), scraper.config.http(), today, ZoneInfo("UTC"), threading.Event())  # type: ignore[attr-defined]
+        assert outcome.error is None
+        assert len(outcome.items) == 6
+        upcoming = [item for item in outcome.items if date.fromisoformat(item.date) >= today]
+        assert len(upcoming) >= 4  # a date just past stays in this year; the rest come within the year

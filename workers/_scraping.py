@@ -78,7 +78,7 @@ class Source(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         where = f"source {self.name!r}"
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
             raise ValueError(f"{where}: expected a name of letters, digits, _ and - (it is used in topics and logs)")
-        if not self.url.startswith(("http://", "https://")):
+        if not (self.url.startswith(("http://", "https://")) or _is_local_page(self.url)):
             raise ValueError(f"{where}: url: expected an http:// or https:// URL, found {self.url!r}")
         missing = [name for name in REQUIRED_FIELDS if name not in self.fields]
         if missing:
@@ -101,6 +101,12 @@ class Source(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     def field(self, name: str) -> Field:
         spec = self.fields[name]
         return Field(selector=spec) if isinstance(spec, str) else spec
+
+
+def _is_local_page(url: str) -> bool:
+    """`file:<relative path>`, a page kept next to the installation (the shipped example); no other file is read."""
+    path = url.removeprefix("file:")
+    return url.startswith("file:") and bool(path) and not path.startswith("/") and ".." not in path.split("/")
 
 
 def _check_selector(where: str, key: str, selector: str, *, empty: bool) -> None:
