@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -118,3 +119,29 @@ def test_make_run_installs_the_runtime_packages_only_and_make_test_adds_the_extr
     run = planned("run")
     assert "pip install --quiet -e .\n" in run and "[test" not in run and "pytest" not in run
     assert "pip install --quiet -e '.[test,dev]'" in planned("test")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_the_systemd_unit_verifies_and_scores_at_most_1_5_in_systemd_analyze_security(tmp_path: Path) -> None:
+    # The unit as installed, with this checkout standing in for /opt/mqtt-home-supervisor and the shipped config.
+    unit = (DEPLOY / "mqtt-home-supervisor.service").read_text()
+    local = (
+        unit.replace("/opt/mqtt-home-supervisor/.venv/bin/python", sys.executable)
+        .replace("/etc/mqtt-home-supervisor/config.toml", str(DEPLOY / "config.toml"))
+        .replace("WorkingDirectory=/opt/mqtt-home-supervisor", f"WorkingDirectory={ROOT}")
+    )
+    path = tmp_path / "mqtt-home-supervisor.service"
+    path.write_text(local)
+    verify = ["systemd-analyze", "verify", str(path)]
+    verified = subprocess.run(verify, check=False, capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0, verified.stderr
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    found = re.search(r"Overall exposure level for mqtt-home-supervisor\.service: (\d+\.\d)", security.stdout)
+    assert found is not None, security.stdout[-2000:]
+    assert float(found.group(1)) <= 1.5
