@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import pytest
 from conftest import SupervisorFactory
-from support import MqttProbe, wait_until
+from support import MqttProbe, free_port, wait_until
 
 from workers._chat import ChatClient, Endpoint, ModelError, RateLimit, parse_answer
 from workers.ai_analyzer import (
@@ -59,7 +59,7 @@ class Behaviour:
 class FakeModel:
     """A chat-completions endpoint on 127.0.0.1; each POST takes the next scripted `Behaviour` (default: answer)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.script: deque[Behaviour] = deque()
         self.bodies: list[dict[str, Any]] = []
         self.authorizations: list[str | None] = []
@@ -69,7 +69,7 @@ class FakeModel:
         self.released = threading.Event()  # set at the end of the test: hanging requests return
         self.gate = threading.Event()  # held requests are answered once it is set
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -547,3 +547,27 @@ def test_a_request_waiting_on_the_model_is_answered_by_rules_when_the_supervisor
     assert answer["error"] == "the ai_analyzer stopped before the model answered"
     assert supervisors.started[0].wait() == 0
     assert "worker ai_analyzer stopped: exit code 0" in supervisors.started[0].log()
+
+
+
+def test_a_model_not_there_at_start_is_said_once_and_rules_answer_at_once_until_it_comes(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    base, replies, port = supervisors.base, f"{prefix}/replies", free_port()
+    table = {"base_url": f"http://127.0.0.1:{port}/v1", "model": "m", "retries": 2, "probe_interval_seconds": 0.3}
+    start(supervisors, mqtt, table)
+    process = supervisors.started[-1]
+    process.wait_log("is not reachable (")
+    sent = time.monotonic()
+    answer = reply(mqtt, replies, ask(mqtt, base, replies, [TITLE]))
+    assert time.monotonic() - sent < 1.0  # no retries, no waiting for a server that is not there
+    assert (answer["fallback"], answer["results"]) == (True, [SHORT_TITLE])
+    assert answer["error"].startswith("the model is not reachable (")
+    assert "error (ai)" not in process.log() and process.log().count("is not reachable (") == 1
+    model = FakeModel(port)
+    try:
+        process.wait_log("is reachable again")
+        answer = reply(mqtt, replies, ask(mqtt, base, replies, ["Jazz Night"]))
+        assert (answer["fallback"], answer["results"]) == (False, ["AI Jazz Night"])
+    finally:
+        model.close()

@@ -162,6 +162,20 @@ class ChatClient:
     def stop(self) -> None:
         self._stopping.set()
 
+    def probe(self) -> str | None:
+        """Whether the endpoint answers at all (any HTTP status counts): None, or why not. One GET of
+        `{base_url}/models`, never retried, at most 5 s. Blocks: run it on a thread."""
+        request = urllib.request.Request(f"{self.endpoint.base_url.rstrip('/')}/models", headers=self._headers())
+        try:
+            with urllib.request.urlopen(request, timeout=min(self.endpoint.timeout_seconds, 5.0)):
+                return None
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return None
+        except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            return "no answer within 5 s" if isinstance(reason, TimeoutError) else str(reason)
+
     def results(self, system: str, template: str, items: list[str]) -> list[str]:
         """One text per item: the model asked with `system` and the user `template` filled with `items` (see
         `prompt`), its answer read with `parse_answer`; raises ModelError. Blocks: run it on a thread."""

@@ -125,6 +125,7 @@ class AiAnalyzerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     max_queued_requests: Count = 100  # a request beyond these gets the fallback at once (an `ai` error)
     requests_per_minute: Annotated[int, msgspec.Meta(ge=0)] = 60  # 0: no limit
     reply_deadline_seconds: Seconds = 15.0  # no reply later than this after the request
+    probe_interval_seconds: Seconds = 60.0  # while the model is unreachable, ask again this often
     cache_max_entries: Count = 10000  # least recently used entries are evicted beyond this
     tasks: dict[str, TaskConfig] = msgspec.field(default_factory=dict)
 
@@ -311,6 +312,42 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
         ctx.declare(self._entities(ctx))
         self._publish_sensors(ctx)
         ctx.log.info("model %s at %s (%s)", config.model, config.base_url, "on" if config.ai_enabled else "off")
+        self.model_down: str | None = None  # why the model is known to be unreachable; None while it is not
+        self._probing = False
+        if config.ai_enabled:
+            self._probe(ctx)
+
+    # Whether the model is there ----------------------------------------------------------------------------------
+
+    def _probe(self, ctx: Context) -> None:
+        """Ask, off the loop, whether the model's server answers at all (once at start, then while it does not)."""
+        if not self._probing:
+            self._probing = True
+            ctx.run_in_thread(self.client.probe, partial(self._probed, ctx))
+
+    def _probed(self, ctx: Context, done: Future[str | None]) -> None:
+        self._probing = False
+        problem, was = done.result(), self.model_down
+        self.model_down = problem
+        config = self.config
+        if problem is not None:
+            if was is None:
+                ctx.log.info(
+                    "the model %s at %s is not reachable (%s): rules answer until it is (asking again every %g s)",
+                    config.model,
+                    config.base_url,
+                    problem,
+                    config.probe_interval_seconds,
+                )
+            ctx.call_later(config.probe_interval_seconds, lambda: self._probe(ctx))
+        elif was is not None:
+            ctx.log.info("the model %s at %s is reachable again", config.model, config.base_url)
+
+    def _model_unreachable(self, ctx: Context, problem: str) -> None:
+        """A request found the model's server gone: answer the next ones with rules at once, and probe."""
+        if self.model_down is None:
+            self.model_down = problem
+            ctx.call_later(self.config.probe_interval_seconds, lambda: self._probe(ctx))
 
     def _endpoint(self, ctx: Context) -> Endpoint:
         config = self.config
@@ -371,6 +408,9 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
         self._publish_sensors(ctx)
         if not missing:
             self._reply(ctx, pending, cached=bool(pending.keys))
+        elif self.model_down is not None:  # no waiting, no retries: said once when it went, in the log
+            why = f"the model is not reachable ({self.model_down})"
+            self._answer_with_rules(ctx, pending, why, count_error=False, failed=True)
         elif len(self.queue) >= self.config.max_queued_requests:
             self._answer_with_rules(ctx, pending, f"{len(self.queue)} requests already wait for the model")
         else:
@@ -404,6 +444,8 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
         try:
             answer = future.result()
         except ModelError as exc:
+            if exc.reason == "network":
+                self._model_unreachable(ctx, exc.detail)
             self._answer_with_rules(ctx, pending, f"{exc.reason}: {exc.detail}")
             return
         for index, text in zip(call.indexes, answer.results, strict=True):
@@ -416,7 +458,9 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
         else:
             self._reply(ctx, pending, cached=False)
 
-    def _answer_with_rules(self, ctx: Context, pending: _Pending, why: str, *, count_error: bool = True) -> None:
+    def _answer_with_rules(
+        self, ctx: Context, pending: _Pending, why: str, *, count_error: bool = True, failed: bool | None = None
+    ) -> None:
         """Reply with the fallback rules for every item the cache and the model did not give (once per request)."""
         if pending.replied:
             ctx.log.info("request %r was answered already; %s", pending.request.id, why)
@@ -431,7 +475,8 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
         for index, result in enumerate(pending.results):
             if result is None:
                 pending.results[index] = fallback_text(pending.task, request.items[index])
-        self._reply(ctx, pending, cached=False, fallback=True, error=why, failed=count_error)
+        failed = count_error if failed is None else failed
+        self._reply(ctx, pending, cached=False, fallback=True, error=why, failed=failed)
 
     def _reply(
         self,
