@@ -13,7 +13,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV) || { echo 'installing python3-venv with apt-get'; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet --only-binary=msgspec,lxml -e . || { \
+	  echo "no ready-built msgspec or lxml for this machine (32-bit ARM, e.g. an Orange Pi under Armbian):"; \
+	  echo "installing what builds them with apt-get (gcc python3-dev libxml2-dev libxslt1-dev); building takes a while"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    gcc python3-dev libxml2-dev libxslt1-dev && $(PY) -m pip install --quiet -e .; }
 	touch $@
 
 # The test and dev extras on top (pytest, ruff, mypy), for `make test`, `make check` and `make bench`.

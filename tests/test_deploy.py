@@ -117,7 +117,8 @@ def test_make_run_installs_the_runtime_packages_only_and_make_test_adds_the_extr
         return result.stdout
 
     run = planned("run")
-    assert "pip install --quiet -e .\n" in run and "[test" not in run and "pytest" not in run
+    assert "pip install --quiet --only-binary=msgspec,lxml -e . ||" in run  # with a build fallback (armv7)
+    assert "[test" not in run and "pytest" not in run
     assert "pip install --quiet -e '.[test,dev]'" in planned("test")
 
 
