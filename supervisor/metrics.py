@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -182,6 +182,7 @@ class MetricsServer:
         self.loop = loop
         self.registry = CollectorRegistry()
         self.registry.register(SupervisorCollector(observed))
+        ProcessCollector(registry=self.registry)  # process_* of the supervisor itself: memory, CPU, descriptors
         self.observed = observed
         try:
             self.sock = socket.create_server((bind, port), reuse_port=False)

@@ -34,8 +34,8 @@ def test_every_metric_the_dashboard_queries_is_served(
     port = free_port()
     start(supervisors, mqtt, {"echo": echo(prefix)}, {"metrics": {"port": port}})
     served = {name for name, _ in samples(scrape(port))}
-    queried = {name for expr in dashboard_exprs() for name in re.findall(r"\bsupervisor_[a-z_]+", expr)}
-    assert len(queried) >= 14
+    queried = {name for expr in dashboard_exprs() for name in re.findall(r"\b(?:supervisor|process)_[a-z_]+", expr)}
+    assert len(queried) >= 17
     assert queried - served == set()
 
 
@@ -146,3 +146,20 @@ def test_the_systemd_unit_verifies_and_scores_at_most_1_5_in_systemd_analyze_sec
     found = re.search(r"Overall exposure level for mqtt-home-supervisor\.service: (\d+\.\d)", security.stdout)
     assert found is not None, security.stdout[-2000:]
     assert float(found.group(1)) <= 1.5
+
+
+def test_the_dashboard_shows_states_as_words_the_version_as_text_the_supervisor_process_and_no_nan_latency() -> None:
+    panels = {panel["title"]: panel for panel in DASHBOARD["panels"]}
+    for title, words in (("Workers up", {"up", "down"}), ("MQTT connected", {"connected", "disconnected"})):
+        (mapping,) = panels[title]["fieldConfig"]["defaults"]["mappings"]
+        assert {option["text"] for option in mapping["options"].values()} == words
+    assert panels["Version"]["options"]["textMode"] == "name"  # the series name: its legend, the version label
+    assert panels["Version"]["targets"][0]["legendFormat"] == "{{version}}"
+    for target in panels["Handling latency p50 / p95"]["targets"]:  # an idle worker gets no line instead of NaN
+        assert target["expr"].endswith(
+            'and on (worker) sum by (worker) (rate(supervisor_message_handling_seconds_count{job=~"$job"}'
+            "[$__rate_interval])) > 0"
+        )
+    exprs = [t["expr"] for title in ("Supervisor process memory", "Supervisor process CPU and open files")
+             for t in panels[title]["targets"]]  # fmt: skip
+    assert any("process_resident_memory_bytes" in e for e in exprs) and any("process_cpu_seconds" in e for e in exprs)
