@@ -105,7 +105,7 @@ def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:
     _apply_limits(spec)
     _reset_signals()
     _die_with_parent()
-    name_process(spec.name)
+    name_process(spec.name, f"mqtt-home-supervisor: {spec.name}")
     logging.basicConfig(
         level=spec.log_level,
         format=f"%(asctime)s %(levelname)s worker {spec.name}[%(process)d] %(name)s: %(message)s",
@@ -194,11 +194,23 @@ def _die_with_parent() -> None:
         os._exit(0)  # the parent died before prctl took effect
 
 
-def name_process(name: str) -> None:
-    """Show `name` as this process's name in top, htop and `ps -o comm` (Linux keeps 15 bytes of it); `ps aux`
-    still shows the command line."""
+def name_process(name: str, title: str | None = None) -> None:
+    """Show `name` as this process's name in top, htop and `ps -o comm` (Linux keeps 15 bytes of it), and `title`
+    as its command line in `ps aux`: written over the process's own argument area, which /proc/<pid>/cmdline
+    shows (what setproctitle does, for a title that fits in the original command line)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode()[:15])
+    if title is None:
+        return
+    try:  # fields 48 and 49 of /proc/self/stat: where the argument area starts and ends
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])
+    except (OSError, IndexError, ValueError):
+        return
+    data = title.encode()[: end - start - 1]
+    if start and end > start:
+        ctypes.memmove(start, data, len(data))
+        ctypes.memset(start + len(data), 0, end - start - len(data))
 
 
 class _Repeating:

@@ -19,6 +19,19 @@ from support import MqttProbe, free_port, process_gone, toml
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (a supervisor of this test, and its workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes() and not process_gone(int(entry.name)):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def read_until(fd: int, pattern: str, output: bytearray, timeout: float) -> re.Match[str]:
     """Read the terminal until `pattern` appears in what it showed; fail saying what it showed."""
     deadline = time.monotonic() + timeout
@@ -81,6 +94,8 @@ def test_one_ctrl_c_under_make_run_stops_every_worker_cleanly_and_make_exits_0(t
     finally:
         if not process_gone(pid):
             os.kill(pid, signal.SIGKILL)
+        for leftover in processes_mentioning(str(config)):  # a failed run must leave nothing behind
+            os.kill(leftover, signal.SIGKILL)
     with contextlib.suppress(OSError):  # the rest of what the terminal showed, until it closes
         while select.select([fd], [], [], 0.5)[0] and (chunk := os.read(fd, 65536)):
             output += chunk
@@ -93,3 +108,4 @@ def test_one_ctrl_c_under_make_run_stops_every_worker_cleanly_and_make_exits_0(t
     probe.client.loop_stop()
     assert process_gone(broker_pid)
     assert not workdir.exists()
+    assert processes_mentioning(str(config)) == []

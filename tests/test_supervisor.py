@@ -475,5 +475,7 @@ def test_each_process_shows_what_it_is_in_top(supervisors: SupervisorFactory, mq
     process = start(supervisors, mqtt, {"echo": echo(prefix), "a_long_worker_name": echo(prefix, "a_long_worker_name")})
     names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in descendants(process.pid)}
     assert names == {"echo", "a_long_worker_n"}  # Linux keeps 15 bytes of a process name
+    lines = {Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] for pid in descendants(process.pid)}
+    assert lines == {b"mqtt-home-supervisor: echo", b"mqtt-home-supervisor: a_long_worker_name"}  # as in ps aux
     assert Path(f"/proc/{process.pid}/comm").read_text().strip() == "mqtt-supervisor"
     assert f"status on {supervisors.base}/status (retained); metrics and a status page off;" in process.log()
