@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +48,7 @@ class Deduplicator:
         self._windows = dict(windows)
         self._clock = clock
         self._handled: dict[str, OrderedDict[str, float]] = {name: OrderedDict() for name in self._windows}
-        self._held: dict[str, Counter[str]] = {name: Counter() for name in self._windows}
+        self._held: dict[str, set[str]] = {name: set() for name in self._windows}  # in the worker's hands now
         self._new: list[tuple[str, str, float]] = []
         self._db = _open(path)
         self._load()
@@ -61,21 +61,18 @@ class Deduplicator:
         """False when `worker` handled `publication_id` within its window or holds it now: a copy to drop.
         Otherwise the id is held until `finished`."""
         held = self._held[worker]
-        if held[publication_id]:
+        if publication_id in held:
             return False
         at = self._handled[worker].get(publication_id)
         if at is not None and self._clock() - at < self._windows[worker].seconds:
             return False
-        held[publication_id] += 1
+        held.add(publication_id)
         return True
 
     def finished(self, worker: str, publication_id: str, handled: bool) -> None:
         """`worker` is done with `publication_id`: it handled it (or it was given up), or it was dropped unhandled
         (then a later copy is delivered)."""
-        held = self._held[worker]
-        held[publication_id] -= 1
-        if held[publication_id] <= 0:
-            del held[publication_id]
+        self._held[worker].discard(publication_id)
         if handled:
             at = self._clock()
             self._remember(worker, publication_id, at)
