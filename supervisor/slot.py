@@ -167,24 +167,31 @@ class WorkerSlot:
         return self.inflight.pop(message_id, None)
 
     def take_back_unfinished(self, in_handler: int) -> Message | None:
-        """After the process died: put its unfinished messages back at the front of the queue, in order, each
-        delivered again (`attempt` grows).
+        """After the process died: put its unfinished messages back at the front of the queue, in order.
 
         `in_handler` is the id of the message the process was handling when it died (0: none, it died between
         messages). That message alone is blamed: its `crashes` grows, and once it reaches
-        `dead_letter_after_crashes` it is returned instead of queued, to be dead-lettered. The others were finished
-        (their reports died with the process) or not started, and carry no blame.
+        `dead_letter_after_crashes` it is returned instead of queued, to be dead-lettered. The others carry no
+        blame. A worker handles its messages in the order they were sent, so those sent before the one in hand were
+        finished (their reports died with the process) and those after it were never started: only the first kind
+        and the one in hand count as delivered again (`attempt` grows). After a death between messages nobody can
+        tell which were seen, so every one of them counts as delivered again.
         """
         limit = self.settings.supervision.dead_letter_after_crashes
         poison = None
         again = []
+        seen = True
         for message in self.inflight.values():
-            crashes = message.crashes + 1 if message.id == in_handler else message.crashes
+            crashes = message.crashes
+            if message.id == in_handler:
+                crashes += 1
             if crashes >= limit:
                 poison = msgspec.structs.replace(message, crashes=crashes)
                 self.dead_letters += 1
             else:
-                again.append(msgspec.structs.replace(message, attempt=message.attempt + 1, crashes=crashes))
+                again.append(msgspec.structs.replace(message, attempt=message.attempt + int(seen), crashes=crashes))
+            if message.id == in_handler:
+                seen = False
         self.inflight.clear()
         self.queued.extendleft(reversed(again))
         return poison

@@ -101,6 +101,15 @@ def test_only_the_message_in_the_handler_is_blamed_after_a_death() -> None:
     assert [(m.id, m.attempt, m.crashes) for m in s.queued] == [(1, 2, 0), (2, 2, 1), (3, 1, 0)]
 
 
+def test_messages_sent_after_the_one_in_hand_were_never_started_and_keep_their_attempt() -> None:
+    s = slot(max_inflight=3)
+    for i in (1, 2, 3):
+        s.offer(message(i), now=0.0)
+    assert [m.id for m in s.outgoing] == [1, 2, 3]
+    assert s.take_back_unfinished(in_handler=2) is None
+    assert [(m.id, m.attempt, m.crashes) for m in s.queued] == [(1, 2, 0), (2, 2, 1), (3, 1, 0)]
+
+
 def test_a_death_between_messages_blames_none() -> None:
     s = slot()
     s.offer(message(1), now=0.0)
