@@ -32,6 +32,8 @@ class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     restart_reasons: dict[str, int]
     last_exit: str | None  # e.g. "killed by SIGKILL (heartbeat)", "exit code 3 (start_failed)"
     last_exit_time: str | None  # ISO 8601
+    last_crash: str | None  # the last exit nobody asked for (not a stop, restart or clean exit), like last_exit
+    last_crash_time: str | None  # ISO 8601
     errors: dict[str, int]
     error_count: int
     handled: int

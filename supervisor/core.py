@@ -394,6 +394,8 @@ class Supervisor:
         reason = self._exit_reason(slot, process, status)
         slot.last_exit = f"{status.describe()} ({reason})"
         slot.last_exit_time = datetime.now(UTC).isoformat(timespec="seconds")
+        if reason.crash and not self._stopping:
+            slot.last_crash, slot.last_crash_time = slot.last_exit, slot.last_exit_time
         poison = slot.take_back_unfinished(process.message_in_handler)
         if poison is not None:
             self.publisher.dead_letter(slot.name, poison, slot.last_exit)
@@ -404,6 +406,7 @@ class Supervisor:
             log.info("worker %s stopped: %s", slot.name, status.describe())
             return
         self._after_exit(slot, status, reason)
+        self.status.worker_ended()
 
     def _exit_reason(self, slot: WorkerSlot, process: WorkerProcess, status: ExitStatus) -> RestartReason:
         if slot.kill_reason is not None:

@@ -65,6 +65,11 @@ class RestartReason(StrEnum):
     MEMORY = "memory"  # it reached its memory limit, or the supervisor killed it for passing it
     COMMAND = "command"  # a person asked (control API, restart button)
 
+    @property
+    def crash(self) -> bool:
+        """Whether an exit for this reason is a crash: one nobody asked for and the worker did not choose."""
+        return self not in (RestartReason.COMMAND, RestartReason.NORMAL)
+
 
 class Offer(Enum):
     """What became of a message offered to a worker."""
@@ -94,6 +99,8 @@ class WorkerSlot:
     dead_letters: int = 0
     last_exit: str | None = None
     last_exit_time: str | None = None  # ISO 8601
+    last_crash: str | None = None  # the last exit nobody asked for, as last_exit says it
+    last_crash_time: str | None = None  # ISO 8601
     last_seen: float = 0.0  # when the process last sent anything
     progress_at: float = 0.0  # since when the oldest in-flight message has been the one to wait for
     in_handler: Any = None  # the shared word each of its processes writes (`processes.shared_word`), made once

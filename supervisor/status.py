@@ -1,7 +1,8 @@
 """Status: the retained `<base>/status` document and the retained `<base>/worker/<name>/availability` topics.
 
 Availability follows each worker's state at once (checked at the end of every wake-up). The status document is
-published when it changes, at most once a second, and every `status_interval_seconds` regardless.
+published when it changes (checked once a second, and at once when a worker's process ends), and every
+`status_interval_seconds` regardless.
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ class StatusReporter:
             workers=workers,
         )
 
+    def worker_ended(self) -> None:
+        """A worker's process ended: the status now, not at the next tick, so that a crash and its restart count
+        are seen even when the worker is running again within the second."""
+        self._publish_status(force=False)
+
     def _tick(self) -> None:
         self._publish_status(force=False)
         self.loop.call_later(_CHECK_SECONDS, self._tick)
@@ -175,6 +181,8 @@ def _worker_status(slot: WorkerSlot) -> WorkerStatus:
         restart_reasons=dict(slot.restarts),
         last_exit=slot.last_exit,
         last_exit_time=slot.last_exit_time,
+        last_crash=slot.last_crash,
+        last_crash_time=slot.last_crash_time,
         errors=dict(slot.errors),
         error_count=sum(slot.errors.values()),
         handled=slot.handled,

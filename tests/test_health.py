@@ -11,6 +11,7 @@ import socket
 import subprocess
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SupervisorFactory
@@ -177,6 +178,35 @@ def test_the_retained_status_and_availability_follow_a_worker_kill(
     worker = after["workers"]["echo"]
     assert worker["restart_reasons"] == {"killed": 1} and worker["last_exit"] == "killed by SIGKILL (killed)"
     assert worker["last_exit_time"].startswith(after["last_updated"][:10])
+
+
+def test_a_crash_restarted_at_once_is_still_seen_in_the_status(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    # Restarted with no backoff, the worker runs again within milliseconds: a status document published only at the
+    # once-a-second check would never show it down, and Home Assistant's "Running" would never go off.
+    start(supervisors, mqtt, {"echo": echo(prefix, backoff_min_seconds=0.001, backoff_max_seconds=0.001)})
+    status_topic = f"{supervisors.base}/status"
+    mqtt.wait_for(status_topic, lambda m: m.json()["workers"]["echo"]["state"] == "running")
+    os.kill(started_pids(mqtt, f"{prefix}/out/echo")[0], signal.SIGKILL)
+    mqtt.wait_for(f"{prefix}/out/echo/started", count=2)
+
+    def after_the_kill() -> list[dict[str, Any]]:
+        documents = [m.json()["workers"]["echo"] for m in mqtt.received(status_topic)]
+        return [w for w in documents if w["restarts"] == 1]
+
+    wait_until(lambda: any(w["state"] == "running" for w in after_the_kill()), 10, "the worker running again")
+    first = after_the_kill()[0]
+    assert first["state"] != "running"  # the first document that counts the restart shows the worker down
+    assert first["last_crash"] == "killed by SIGKILL (killed)" and first["last_crash_time"] == first["last_exit_time"]
+
+
+def test_a_restart_asked_for_is_no_crash(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
+    start(supervisors, mqtt, {"echo": echo(prefix)})
+    mqtt.publish(f"{supervisors.base}/cmd/echo/restart", "PRESS")
+    status = mqtt.wait_for(f"{supervisors.base}/status", lambda m: m.json()["workers"]["echo"]["restarts"] == 1)
+    worker = status[-1].json()["workers"]["echo"]
+    assert worker["last_exit"].endswith("(command)") and worker["last_crash"] is None
 
 
 def test_a_clean_stop_leaves_every_worker_offline(
