@@ -1,7 +1,11 @@
 """Home Assistant MQTT discovery, typed: devices and entities are Structs, checked when they are declared.
 
-`discovery_topic(prefix, node_id, entity)` and `discovery_payload(entity)` give what to publish (retained) for
-Home Assistant to create the entity. Only the keys that are set are sent.
+`discovery_topic(prefix, node_id, entity)` and `discovery_payload(entity, entity_id)` give what to publish (retained)
+for Home Assistant to create the entity. Only the keys that are set are sent, plus the entity id Home Assistant should
+give it, twice: `default_entity_id` (Home Assistant 2025.10 and later) and `object_id` (before 2025.10; ignored
+from 2026.4, and with `default_entity_id` beside it no deprecation warning in between). Home Assistant drops unknown
+top-level keys silently, but rejects a whole config for one unknown key in `device` or `origin`: only keys that
+every version since 2024.3 knows are declared there.
 
 Workers declare entities through their context (`ctx.declare`); the supervisor collects every declaration into one
 `DiscoveryBundle`, which it sends (local-only) on `Site.entities_topic` to the worker that publishes discovery.
@@ -16,6 +20,10 @@ import msgspec
 
 _OBJECT_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
 
+# The object ids of the supervisor's entities on a worker's device (`supervisor.discovery`), which the worker's own
+# may not take.
+RESERVED_OBJECT_IDS = frozenset({"running", "errors", "restarts", "last_crash", "restart"})
+
 
 class Device(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     identifiers: list[str]
@@ -24,6 +32,7 @@ class Device(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     model: str | None = None
     sw_version: str | None = None
     via_device: str | None = None
+    configuration_url: str | None = None  # Home Assistant's "Visit" link on the device's page
 
     def __post_init__(self) -> None:
         if not self.identifiers:
@@ -43,7 +52,8 @@ class Availability(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
 
 
 class Entity(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Keys every discovered entity has."""
+    """Keys every discovered entity has. `object_id` names it in its discovery topic; `name` is what a person reads
+    after the device's name ("Restarts" on the device "Web scraper on box")."""
 
     component: ClassVar[str]
     object_id: str
@@ -124,8 +134,10 @@ class DiscoveryBundle(msgspec.Struct, frozen=True, kw_only=True):
     republish: bool = False
 
 
-def declared(entity: Entity) -> DeclaredEntity:
-    return DeclaredEntity(component=entity.component, object_id=entity.object_id, config=discovery_payload(entity))
+def declared(entity: Entity, entity_id: str) -> DeclaredEntity:
+    """`entity` ready to publish, to become `<component>.<entity_id>` in Home Assistant (see `discovery_payload`)."""
+    config = discovery_payload(entity, entity_id)
+    return DeclaredEntity(component=entity.component, object_id=entity.object_id, config=config)
 
 
 _encoder = msgspec.json.Encoder()
@@ -135,5 +147,21 @@ def discovery_topic(prefix: str, node_id: str, entity: Entity) -> str:
     return f"{prefix}/{entity.component}/{node_id}/{entity.object_id}/config"
 
 
-def discovery_payload(entity: Entity) -> bytes:
-    return _encoder.encode(entity)
+def discovery_payload(entity: Entity, entity_id: str) -> bytes:
+    """The discovery config of `entity`, which Home Assistant creates as `<component>.<entity_id>` (`entity_id` made
+    a valid one: lower case, `_` between words)."""
+    config = msgspec.to_builtins(entity)
+    config["object_id"] = slug(entity_id)
+    config["default_entity_id"] = f"{entity.component}.{slug(entity_id)}"
+    return _encoder.encode(config)
+
+
+def slug(text: str) -> str:
+    """`text` as Home Assistant writes it in an entity id: `Supervisor-VM_status` -> `supervisor_vm_status`."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def title(name: str) -> str:
+    """A worker's name as a person reads it, when its class sets no `title`: `batch_scheduler` -> `Batch scheduler`."""
+    words = re.sub(r"[_-]+", " ", name).strip()
+    return words[:1].upper() + words[1:]

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 import msgspec
 
 from contracts.envelopes import Message
-from contracts.homeassistant import Entity
+from contracts.homeassistant import Device, Entity, Origin, title
 
 T = TypeVar("T")
 Trigger = Literal["startup", "interval", "command", "catch_up"]
@@ -47,6 +47,38 @@ class Site(msgspec.Struct, frozen=True, kw_only=True):
     homeassistant_status_topic: str = "homeassistant/status"
     node_id: str = "supervisor"  # the supervisor's Home Assistant node (its client id, made topic-safe)
     sw_version: str = "0"
+    host: str = "localhost"  # the supervisor's host name, as its Home Assistant devices are named
+    support_url: str | None = None  # where to get help, for Home Assistant's `origin`
+    status_page_url: str | None = None  # the supervisor's status page, when other machines reach it
+
+    def supervisor_device(self) -> Device:
+        """The supervisor's own Home Assistant device."""
+        return Device(
+            identifiers=[self.node_id],
+            name=f"MQTT home supervisor on {self.host}",
+            manufacturer="mqtt-home-supervisor",
+            model="Supervisor",
+            sw_version=self.sw_version,
+            configuration_url=self.status_page_url,
+        )
+
+    def worker_device(self, worker: str, worker_title: str | None = None) -> Device:
+        """The Home Assistant device of worker `worker` (shown as `worker_title`, default from its name): the
+        supervisor's entities about it and every entity it declares, under the supervisor's device."""
+        shown = worker_title or title(worker)
+        return Device(
+            identifiers=[f"{self.node_id}_{worker}"],
+            name=f"{shown} on {self.host}",
+            manufacturer="mqtt-home-supervisor",
+            model=shown,
+            sw_version=self.sw_version,
+            via_device=self.node_id,
+            configuration_url=self.status_page_url,
+        )
+
+    def origin(self) -> Origin:
+        """What Home Assistant says published an entity."""
+        return Origin(name="mqtt-home-supervisor", sw_version=self.sw_version, support_url=self.support_url)
 
     def worker_availability_topic(self, worker: str) -> str:
         """`online`/`offline` (retained) as worker `worker` runs and stops."""
@@ -175,6 +207,8 @@ class Worker(Generic[ConfigT]):
     """
 
     name: ClassVar[str]
+    # How a person reads its name ("Web scraper"), in its Home Assistant device's name; None: from `name`.
+    title: ClassVar[str | None] = None
     Config: ClassVar[type[msgspec.Struct]] = NoConfig
     # The kinds this worker passes to `ctx.report_error`: served at 0 in the metrics from the start (so alerts and
     # rate() see the first one). Another kind is still counted, from its first report on.

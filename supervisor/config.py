@@ -15,6 +15,7 @@ import re
 import socket
 import stat
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -99,6 +100,7 @@ class MetricsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 class HomeAssistantConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
     discovery_prefix: str = "homeassistant"
     status_topic: str = "homeassistant/status"
+    support_url: str = ""  # Home Assistant's "support URL" of the entities' origin; empty: the status page
 
 
 class ConfigFile(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -268,6 +270,11 @@ def _check_finite(value: Any, source: str, where: str) -> None:
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
+def _is_web_address(url: str) -> bool:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in url)
+
+
 def _check_values(file: ConfigFile, mqtt: MqttConfig, source: str) -> None:
     """What the types cannot say: topics that can be published to, an address to bind, files to read, names."""
     base = file.supervisor.base_topic
@@ -286,6 +293,11 @@ def _check_values(file: ConfigFile, mqtt: MqttConfig, source: str) -> None:
             source,
             "[supervisor] base_topic",
             f"expected a topic not starting with '$' (the broker's own), got {base!r}",
+        )
+    url = file.homeassistant.support_url
+    if url and not _is_web_address(url):
+        raise ConfigError(  # Home Assistant would drop every entity whose origin has such a url
+            source, "[homeassistant] support_url", f"expected an http:// or https:// address, got {url!r}"
         )
     if not mqtt.host.strip() or any(c.isspace() or c == "\0" for c in mqtt.host):
         raise ConfigError(source, "[mqtt] host", f"expected a host name or address, got {mqtt.host!r}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import ipaddress
 import itertools
 import logging
 import os
@@ -49,14 +50,14 @@ from contracts import (
     Subscribe,
     Subscription,
 )
-from contracts.homeassistant import DeclaredEntity, DiscoveryBundle, declared
+from contracts.homeassistant import DeclaredEntity, DiscoveryBundle
 from supervisor import __version__, control
 from supervisor.channel import ChannelClosed
 from supervisor.config import Settings, WorkerSettings
 from supervisor.control import ControlAPI, ControlError
 from supervisor.dedupe import Deduplicator, Window
 from supervisor.delivery import Deliveries
-from supervisor.discovery import node_id, supervisor_device_name, supervisor_entities
+from supervisor.discovery import last_crash_topic, node_id, supervisor_entities
 from supervisor.errors import ConfigError, StartupError, StateBrokenError
 from supervisor.loop import Loop
 from supervisor.metrics import MetricsServer
@@ -91,7 +92,26 @@ def site_of(settings: Settings) -> Site:
         homeassistant_status_topic=settings.homeassistant.status_topic,
         node_id=node_id(settings.mqtt.client_id),
         sw_version=__version__,
+        host=socket.gethostname(),
+        support_url=settings.homeassistant.support_url or status_page_url(settings, from_elsewhere=False),
+        status_page_url=status_page_url(settings, from_elsewhere=True),
     )
+
+
+def status_page_url(settings: Settings, from_elsewhere: bool) -> str | None:
+    """The address of the status page (None when it is off); `from_elsewhere`: as other machines reach it (None
+    when it listens on loopback only)."""
+    bind, port = settings.metrics.bind, settings.metrics.port
+    if port == 0:
+        return None
+    address = ipaddress.ip_address(bind)
+    if address.is_loopback:
+        host = None if from_elsewhere else bind
+    else:
+        host = socket.gethostname() if address.is_unspecified else bind
+    if host is None:
+        return None
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def worker_subscriptions(settings: WorkerSettings, site: Site) -> list[Subscription]:
@@ -217,7 +237,7 @@ class Supervisor:
             "under %s/ (if ha_responder runs)",
             self.site.base_topic,
             served,
-            supervisor_device_name(),
+            self.site.supervisor_device().name,
             self.site.discovery_prefix,
         )
 
@@ -395,7 +415,7 @@ class Supervisor:
         slot.last_exit = f"{status.describe()} ({reason})"
         slot.last_exit_time = datetime.now(UTC).isoformat(timespec="seconds")
         if reason.crash and not self._stopping:
-            slot.last_crash, slot.last_crash_time = slot.last_exit, slot.last_exit_time
+            self._crashed(slot)
         poison = slot.take_back_unfinished(process.message_in_handler)
         if poison is not None:
             self.publisher.dead_letter(slot.name, poison, slot.last_exit)
@@ -407,6 +427,14 @@ class Supervisor:
             return
         self._after_exit(slot, status, reason)
         self.status.worker_ended()
+
+    def _crashed(self, slot: WorkerSlot) -> None:
+        """Keep and publish (retained, for Home Assistant's "Last crash") the crash that just ended `slot`'s
+        process."""
+        slot.last_crash, slot.last_crash_time = slot.last_exit, slot.last_exit_time
+        payload = msgspec.json.encode({"time": slot.last_crash_time, "exit": slot.last_crash})
+        crash = Publish(topic=last_crash_topic(self.site, slot.name), payload=payload, qos=1, retain=True)
+        self.publisher.publish(control.NAME, crash)
 
     def _exit_reason(self, slot: WorkerSlot, process: WorkerProcess, status: ExitStatus) -> RestartReason:
         if slot.kill_reason is not None:
@@ -561,7 +589,8 @@ class Supervisor:
     # Home Assistant entities --------------------------------------------------------------------------------------
 
     def _own_entities(self) -> list[DeclaredEntity]:
-        return [declared(entity) for entity in supervisor_entities(self.site, self.slots)]
+        titles = {name: slot.settings.worker_class.title for name, slot in self.slots.items()}
+        return supervisor_entities(self.site, titles)
 
     def _send_bundle(self, republish: bool = False) -> None:
         """Send every declared entity to the local subscribers of the entities topic, at the end of this wake-up."""

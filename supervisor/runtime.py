@@ -61,7 +61,7 @@ from contracts import (
     Worker,
     WorkerFacts,
 )
-from contracts.homeassistant import Availability, Button, Device, Entity, Origin, declared
+from contracts.homeassistant import RESERVED_OBJECT_IDS, Availability, Button, Entity, declared
 from contracts.topics import publish_topic_problem
 from supervisor import secrets
 from supervisor.channel import Channel, ChannelClosed
@@ -281,8 +281,10 @@ class WorkerContext:
         loop: Loop,
         site: Site | None = None,
         clock: Callable[[], float] = time.time,
+        title: str | None = None,
     ) -> None:
         self.name = name
+        self.title = title  # the worker class's, for its Home Assistant device
         self.config = config
         self.state_dir = state_dir
         self.site = site or Site()
@@ -335,14 +337,16 @@ class WorkerContext:
         return self.site.command_topic(self.name, command)
 
     def declare(self, entities: Sequence[Entity]) -> None:
-        completed = [declared(self._completed(entity)) for entity in entities]
+        completed = [self._completed(entity) for entity in entities]
         seen: set[tuple[str, str]] = set()
         for entity in completed:
             key = (entity.component, entity.object_id)
             if key in seen:
                 raise ValueError(f"declare(): two {entity.component} entities with object_id {entity.object_id!r}")
             seen.add(key)
-        self.outgoing.append(EntitiesDeclared(entities=completed))
+        node = self.site.node_id
+        declarations = [declared(entity, f"{node}_{entity.object_id}") for entity in completed]
+        self.outgoing.append(EntitiesDeclared(entities=declarations))
 
     def _completed(self, entity: Entity) -> Entity:
         """`entity` with this worker's defaults filled in (see `contracts.Context.declare`)."""
@@ -353,20 +357,18 @@ class WorkerContext:
                 f"button {entity.object_id!r}: command_topic must be one of this worker's, "
                 f"ctx.command_topic(<name>) = {own_commands}<name>; got {entity.command_topic!r}"
             )
+        if entity.object_id in RESERVED_OBJECT_IDS:
+            raise ValueError(
+                f"{entity.component} {entity.object_id!r}: the supervisor's own entity of this worker has this "
+                f"object_id; reserved: {', '.join(sorted(RESERVED_OBJECT_IDS))}"
+            )
         object_id = f"{worker}_{entity.object_id}"
         unique_id = entity.unique_id or f"{site.node_id}_{object_id}"
         changes: dict[str, Any] = {"object_id": object_id, "unique_id": unique_id}
         if entity.device is None:
-            changes["device"] = Device(
-                identifiers=[f"{site.node_id}_{worker}"],
-                name=f"{worker} ({site.node_id})",
-                manufacturer="mqtt-home-supervisor",
-                model=worker,
-                sw_version=site.sw_version,
-                via_device=site.node_id,
-            )
+            changes["device"] = site.worker_device(worker, self.title)
         if entity.origin is None:
-            changes["origin"] = Origin(name="mqtt-home-supervisor", sw_version=site.sw_version)
+            changes["origin"] = site.origin()
         if not entity.availability:
             changes["availability"] = [
                 Availability(topic=site.availability_topic),
@@ -446,7 +448,7 @@ class WorkerLoop:
         self.channel = channel
         self.in_handler = in_handler
         self.loop = Loop()
-        self.ctx = WorkerContext(spec.name, worker.config, state_dir, self.loop, spec.site)
+        self.ctx = WorkerContext(spec.name, worker.config, state_dir, self.loop, spec.site, title=type(worker).title)
         self.log = self.ctx.log
         self._commands = spec.site.command_topic(spec.name, "")
         self._last_sent = time.monotonic()

@@ -132,7 +132,8 @@ class StatusReporter:
 
     def worker_ended(self) -> None:
         """A worker's process ended: the status now, not at the next tick, so that a crash and its restart count
-        are seen even when the worker is running again within the second."""
+        are seen even when the worker is running again within the second. Its availability goes first."""
+        self.check_availability()
         self._publish_status(force=False)
 
     def _tick(self) -> None:

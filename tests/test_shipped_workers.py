@@ -6,11 +6,14 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+import ha_schema
 import pytest
 from conftest import SupervisorFactory
 from support import MqttProbe, wait_until
 from test_worker_ha_responder import configs
+from test_worker_ha_responder import node as ha_node
 
+from contracts.homeassistant import slug
 from supervisor.registry import discover
 
 SHIPPED = sorted(discover(["workers"]))
@@ -79,81 +82,51 @@ def test_every_shipped_worker_starts_handles_a_message_and_stops(
     assert f"worker {name} stopped: exit code 0" in process.log()
 
 
-# What Home Assistant's MQTT discovery accepts, per platform (keys this product may send; HA ignores none silently).
-COMMON = {
-    "availability",
-    "availability_mode",
-    "device",
-    "entity_category",
-    "icon",
-    "json_attributes_template",
-    "json_attributes_topic",
-    "name",
-    "object_id",
-    "origin",
-    "unique_id",
-}
-PLATFORMS = {
-    "sensor": (
-        {"state_topic"},
-        COMMON
-        | {
-            "device_class",
-            "expire_after",
-            "options",
-            "state_class",
-            "state_topic",
-            "unit_of_measurement",
-            "value_template",
-        },
-    ),
-    "binary_sensor": (
-        {"state_topic"},
-        COMMON | {"device_class", "expire_after", "payload_off", "payload_on", "state_topic", "value_template"},
-    ),
-    "button": ({"command_topic"}, COMMON | {"command_topic", "device_class", "payload_press"}),
-}
-STATE_CLASSES = {"measurement", "total", "total_increasing"}
-
-
 def check_entity(topic: str, config: dict[str, Any]) -> None:
-    platform = topic.split("/")[-4]
-    required, allowed = PLATFORMS[platform]
-    assert required <= set(config), f"{topic}: missing {required - set(config)}"
-    assert set(config) <= allowed, f"{topic}: keys Home Assistant does not know: {set(config) - allowed}"
-    device = config["device"]
-    assert device["identifiers"] and all(isinstance(i, str) for i in device["identifiers"]), topic
-    assert isinstance(device["name"], str) and device["name"], topic
+    """`config` passes every rule of every Home Assistant release in the schema file, and reads well."""
+    component = topic.split("/")[-4]
+    for version in ha_schema.VERSIONS:
+        assert ha_schema.problems(component, config, version) == [], f"{topic} on Home Assistant {version}"
+    assert ha_schema.presentation_problems(component, config) == [], topic
     assert config["origin"]["name"] == "mqtt-home-supervisor", topic
-    assert config["availability"] and all(a["topic"] for a in config["availability"]), topic
-    assert config.get("entity_category") in (None, "config", "diagnostic"), topic
-    if platform == "sensor":
-        assert config.get("state_class") in (None, *STATE_CLASSES), topic
-        if config.get("device_class") == "timestamp":
-            assert "unit_of_measurement" not in config and "state_class" not in config, topic
-        if "options" in config:
-            assert config.get("device_class") == "enum" and "unit_of_measurement" not in config, topic
+    assert config["availability"] and config["unique_id"], topic
 
 
 def test_with_the_four_shipped_workers_every_entity_is_valid_and_every_button_reaches_its_worker(
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
 ) -> None:
     mqtt.subscribe(f"{prefix}/#")
-    supervisors.start({name: minimal(name, prefix) for name in SHIPPED}, **tables(prefix))
+    more = {"homeassistant": {**tables(prefix)["homeassistant"], "support_url": "https://example.org/help"}}
+    supervisors.start({name: minimal(name, prefix) for name in SHIPPED}, **{**tables(prefix), **more})
     base = supervisors.base
-    # The supervisor: a status sensor and 4 entities per worker; scraper 4, ai_analyzer 5, batch_scheduler 5,
+    # The supervisor: a status sensor and 5 entities per worker; scraper 4, ai_analyzer 5, batch_scheduler 5,
     # ha_responder 3 of their own.
-    expected = 1 + 4 * 4 + 4 + 5 + 5 + 3
+    expected = 1 + 5 * 4 + 4 + 5 + 5 + 3
     wait_until(lambda: len(configs(mqtt, prefix)) == expected, 15, f"{expected} discovery configs")
     found = configs(mqtt, prefix)
     for topic, config in found.items():
         check_entity(topic, config)
-    unique_ids = [c["unique_id"] for c in found.values()]
-    assert len(set(unique_ids)) == len(unique_ids)
+        assert config["origin"]["url"] == "https://example.org/help", topic
+    for key in ("unique_id", "default_entity_id"):
+        values = [c[key] for c in found.values()]
+        assert len(set(values)) == len(values), key
+    node = ha_node(prefix)
+    devices = {c["device"]["identifiers"][0]: c["device"] for c in found.values()}
+    assert {d["name"].rsplit(" on ", 1)[0] for d in devices.values()} == {
+        "MQTT home supervisor",
+        "Web scraper",
+        "AI analyzer",
+        "Batch analysis",
+        "Home Assistant responder",
+    }
+    for identifier, device in devices.items():  # the same device, described the same way by every entity
+        assert all(c["device"] == device for c in found.values() if c["device"]["identifiers"][0] == identifier)
     declared = {t: c for t, c in found.items() if len(c["availability"]) == 2}
-    assert {c["device"]["model"] for c in declared.values()} == set(SHIPPED)
+    workers_of = {f"{node}_{name}": name for name in SHIPPED}
+    assert {workers_of[c["device"]["identifiers"][0]] for c in declared.values()} == set(SHIPPED)
     for config in declared.values():
-        worker = config["device"]["model"]
+        worker = workers_of[config["device"]["identifiers"][0]]
+        assert config["default_entity_id"].split(".")[1].startswith(f"{slug(node)}_{worker}_")
         assert config["availability"] == [
             {"topic": f"{base}/availability"},
             {"topic": f"{base}/worker/{worker}/availability"},

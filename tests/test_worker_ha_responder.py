@@ -70,8 +70,8 @@ def test_every_declared_entity_becomes_a_valid_discovery_config(
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
 ) -> None:
     start(supervisors, mqtt, prefix, declarer={"sensors": ["temperature"], "buttons": ["refresh"]})
-    # The supervisor: a status sensor and 4 entities per worker (2 workers); ha_responder: 3 sensors; declarer: 2.
-    wait_until(lambda: len(configs(mqtt, prefix)) == 1 + 4 * 2 + 3 + 2, 10, "every discovery config")
+    # The supervisor: a status sensor and 5 entities per worker (2 workers); ha_responder: 3 sensors; declarer: 2.
+    wait_until(lambda: len(configs(mqtt, prefix)) == 1 + 5 * 2 + 3 + 2, 10, "every discovery config")
     found = configs(mqtt, prefix)
     unique_ids = [config["unique_id"] for config in found.values()]
     assert len(set(unique_ids)) == len(unique_ids)
@@ -218,3 +218,28 @@ def test_automation_feedback_is_kept_and_failures_counted(
     document = message.json()
     assert document["last"] == {"automation": "night", "outcome": "failed", "message": "light unavailable"}
     assert [r["success"] for r in document["automations"]["morning"]] == [True]
+
+
+def test_counters_start_at_zero_and_automation_results_survive_a_restart(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    base = supervisors.base
+    first = start(supervisors, mqtt, prefix)
+    # Retained from the start: Home Assistant shows 0, not "unknown", before anything happened.
+    mqtt.wait_for(f"{base}/ha_responder/devices", lambda m: m.text == "0")
+    mqtt.wait_for(f"{base}/ha_responder/automation_failures", lambda m: m.text == "0")
+    assert not mqtt.received(f"{base}/ha_responder/automations")  # no result yet: the last result stays unknown
+    mqtt.publish(f"{prefix}/ha-ai/responses/night", json.dumps({"success": False, "error": "light unavailable"}))
+    mqtt.wait_for(f"{base}/ha_responder/automation_failures", lambda m: m.text == "1")
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+    seen = len(mqtt.messages)
+    start(supervisors, mqtt, prefix)
+
+    def published_by_the_second(topic: str) -> list[Any]:
+        return [m for m in mqtt.messages[seen:] if m.topic == f"{base}/ha_responder/{topic}" and not m.retain]
+
+    wait_until(lambda: published_by_the_second("automations"), 10, "the kept results published again")
+    document = published_by_the_second("automations")[-1].json()
+    assert document["failures"] == 1 and document["last"]["automation"] == "night"
+    assert published_by_the_second("automation_failures")[-1].text == "1"

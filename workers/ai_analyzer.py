@@ -291,6 +291,7 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
     the module docstring for what it consumes, produces and touches."""
 
     name = "ai_analyzer"
+    title = "AI analyzer"
     error_kinds = ("ai",)
     memory_limit_mb = 128  # resident MiB; a section's memory_limit_mb overrides it
     Config = AiAnalyzerConfig
@@ -544,7 +545,7 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
             sensor("cache_misses", "AI cache misses", state_class="total_increasing", icon="mdi:database-off"),
             sensor(
                 "latency_ms",
-                "AI last latency",
+                "Last model latency",
                 state_class="measurement",
                 unit_of_measurement="ms",
                 device_class="duration",

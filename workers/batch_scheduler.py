@@ -221,6 +221,7 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
     the module docstring for what it consumes, produces and touches."""
 
     name = "batch_scheduler"
+    title = "Batch analysis"
     error_kinds = ("analysis", "retention", "recording", "state")
     memory_limit_mb = 256  # resident MiB; a section's memory_limit_mb overrides it
     Config = BatchSchedulerConfig
@@ -482,10 +483,18 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
         topic = self.topic
         return [
             Sensor(
-                object_id="last_run", name="Last analysis", state_topic=f"{topic}/last_run", device_class="timestamp"
+                object_id="last_run",
+                name="Last analysis",
+                state_topic=f"{topic}/last_run",
+                device_class="timestamp",
+                icon="mdi:clock-check-outline",
             ),
             Sensor(
-                object_id="next_run", name="Next analysis", state_topic=f"{topic}/next_run", device_class="timestamp"
+                object_id="next_run",
+                name="Next analysis",
+                state_topic=f"{topic}/next_run",
+                device_class="timestamp",
+                icon="mdi:clock-outline",
             ),
             Sensor(
                 object_id="last_duration",
@@ -493,6 +502,8 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
                 state_topic=f"{topic}/last_duration",
                 device_class="duration",
                 unit_of_measurement="s",
+                state_class="measurement",
+                icon="mdi:timer-outline",
             ),
             Sensor(
                 object_id="suggestions",
@@ -501,7 +512,12 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
                 state_class="measurement",
                 json_attributes_topic=f"{topic}/suggestions/attributes",
             ),
-            Button(object_id="run_analysis", name="Run analysis now", command_topic=ctx.command_topic("run_analysis")),
+            Button(
+                object_id="run_analysis",
+                name="Run analysis now",
+                command_topic=ctx.command_topic("run_analysis"),
+                icon="mdi:play-circle-outline",
+            ),
         ]
 
 

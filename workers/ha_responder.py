@@ -9,7 +9,8 @@ Produces: the discovery configs of every declared entity (retained; unchanged on
 removed with an empty retained config), replies to requests, commands to devices (`set_state`), and its own
 sensors: tracked devices, automation results and failures.
 Touches: its state directory (`discovery.json`: the hash of every config it published, so a restart does not
-republish what the broker already holds).
+republish what the broker already holds; `automations.json`: the automation results and failure count, so that they
+survive a restart).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class HaResponderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     devices_prefix: str = "home"
     feedback_topic: str = "ha-ai/responses/#"
     feedback_history: int = 10  # results kept per automation
+    max_automations: int = 200  # automations whose results are kept; past it, the one heard from longest ago goes
     max_devices: int = 500  # devices tracked at most; more are refused and counted as `devices` errors
 
     def __post_init__(self) -> None:
@@ -54,6 +56,8 @@ class HaResponderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
                 "expected 0 <= republish_delay_min_seconds <= republish_delay_max_seconds, got "
                 f"{self.republish_delay_min_seconds} and {self.republish_delay_max_seconds}"
             )
+        if self.max_automations < 1:
+            raise ValueError(f"max_automations: expected an int >= 1, got {self.max_automations}")
         if self.feedback_history < 1:
             raise ValueError(f"feedback_history: expected an int >= 1, got {self.feedback_history}")
         if self.max_devices < 1:
@@ -102,6 +106,13 @@ class AutomationResult(msgspec.Struct, kw_only=True):
     time: float
 
 
+class Automations(msgspec.Struct, kw_only=True):
+    """What is kept of automation feedback (also the saved file)."""
+
+    failures: int = 0
+    results: dict[str, list[AutomationResult]] = msgspec.field(default_factory=dict)
+
+
 class Request(msgspec.Struct, frozen=True, kw_only=True):
     """The body of a request; unknown fields are ignored (it comes from outside)."""
 
@@ -119,6 +130,7 @@ class HaResponder(Worker[HaResponderConfig]):
     devices on the bus and the results of automations (see the module docstring)."""
 
     name = "ha_responder"
+    title = "Home Assistant responder"
     error_kinds = ("devices",)
     memory_limit_mb = 128  # resident MiB; a section's memory_limit_mb overrides it
     Config = HaResponderConfig
@@ -133,8 +145,8 @@ class HaResponder(Worker[HaResponderConfig]):
         self._by_availability_topic: dict[str, set[str]] = {}
         self._subscribed: set[str] = set()
         self._refused = 0  # devices not tracked: max_devices reached
-        self._results: dict[str, list[AutomationResult]] = {}
-        self._failures = 0
+        self._automations = Automations()
+        self._automations_path = Path()
         self._bundle_decoder = msgspec.msgpack.Decoder(DiscoveryBundle)
 
     def subscriptions(self) -> list[Subscription]:
@@ -162,6 +174,8 @@ class HaResponder(Worker[HaResponderConfig]):
     def on_start(self, ctx: Context) -> None:
         self._cache_path = ctx.state_dir / "discovery.json"
         self._published = _load_cache(self._cache_path, ctx)
+        self._automations_path = ctx.state_dir / "automations.json"
+        self._automations = _load_automations(self._automations_path, ctx)
         ctx.declare(
             [
                 Sensor(
@@ -182,13 +196,15 @@ class HaResponder(Worker[HaResponderConfig]):
                 Sensor(
                     object_id="automation_failures",
                     name="Automation failures",
-                    state_topic=self._topic("automations"),
-                    value_template="{{ value_json.failures }}",
+                    state_topic=self._topic("automation_failures"),
                     state_class="total_increasing",
                     icon="mdi:robot-confused",
                 ),
             ]
         )
+        # Every counter has a value from the start (Home Assistant would show "unknown" until the first change).
+        self._publish_devices(ctx)
+        self._publish_automations(ctx)
 
     def on_message(self, ctx: Context, message: Message) -> None:
         topic, site = message.topic, self.site
@@ -381,23 +397,42 @@ class HaResponder(Worker[HaResponderConfig]):
         body = _any_decoder.decode(message.payload) if message.payload.strip() else {}
         if not isinstance(body, dict):
             raise msgspec.ValidationError(f"expected a JSON object, got {type(body).__name__}")
-        automation = str(body.get("automation_id") or body.get("automation") or message.topic.rsplit("/", 1)[1])
+        automation = str(body.get("automation_id") or body.get("automation") or message.topic.rsplit("/", 1)[1])[:200]
         outcome = body.get("success", body.get("status", True))
         success = outcome is True or str(outcome).lower() in ("ok", "success", "succeeded", "true")
         detail = body.get("message") or body.get("error")
         result = AutomationResult(
-            automation=automation, success=success, message=str(detail) if detail else None, time=ctx.now()
+            automation=automation, success=success, message=str(detail)[:1000] if detail else None, time=ctx.now()
         )
-        history = self._results.setdefault(automation, [])
+        kept = self._automations
+        if automation not in kept.results and len(kept.results) >= self.config.max_automations:
+            oldest = min(kept.results, key=lambda name: max((r.time for r in kept.results[name]), default=0.0))
+            del kept.results[oldest]
+        history = kept.results.setdefault(automation, [])
         history.append(result)
         del history[: -self.config.feedback_history]
         if not success:
-            self._failures += 1
-        last = {"automation": automation, "outcome": "ok" if success else "failed", "message": result.message}
+            kept.failures += 1
+        write_atomically(self._automations_path, msgspec.json.encode(kept))
+        self._publish_automations(ctx, result)
+
+    def _publish_automations(self, ctx: Context, last: AutomationResult | None = None) -> None:
+        """The failure count, and (when there is one) the document of automation results, both retained."""
+        kept = self._automations
+        ctx.publish(self._topic("automation_failures"), str(kept.failures), qos=1, retain=True)
+        if last is None:
+            newest = [history[-1] for history in kept.results.values() if history]
+            if not newest:
+                return  # no result yet: "Last automation result" stays unknown
+            last = max(newest, key=lambda r: r.time)
         document = {
-            "last": last,
-            "failures": self._failures,
-            "automations": {name: [msgspec.to_builtins(r) for r in rs] for name, rs in self._results.items()},
+            "last": {
+                "automation": last.automation,
+                "outcome": "ok" if last.success else "failed",
+                "message": last.message,
+            },
+            "failures": kept.failures,
+            "automations": {name: [msgspec.to_builtins(r) for r in rs] for name, rs in kept.results.items()},
         }
         ctx.publish(self._topic("automations"), json.dumps(document), qos=1, retain=True)
 
@@ -420,6 +455,16 @@ def _load_cache(path: Path, ctx: Context) -> dict[str, dict[str, str]]:
     except (OSError, msgspec.DecodeError) as exc:  # a damaged cache only costs one full republish
         ctx.log.warning("ignoring the discovery cache %s: %s", path, exc)
         return {}
+
+
+def _load_automations(path: Path, ctx: Context) -> Automations:
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=Automations)
+    except FileNotFoundError:
+        return Automations()
+    except (OSError, msgspec.DecodeError) as exc:
+        ctx.log.warning("ignoring the saved automation results %s: %s", path, exc)
+        return Automations()
 
 
 def _save_cache(path: Path, published: dict[str, dict[str, str]]) -> None:

@@ -150,6 +150,7 @@ class Scraper(Worker[ScraperConfig]):
     """Scrapes dated items from web pages on an interval and on demand; see the module docstring."""
 
     name = "scraper"
+    title = "Web scraper"
     error_kinds = ("scrape",)
     memory_limit_mb = 128  # resident MiB; a section's memory_limit_mb overrides it
     Config = ScraperConfig
@@ -376,7 +377,7 @@ def entities(topics: Topics, refresh_topic: str) -> list[Entity]:
             object_id="next_event",
             name="Next event",
             state_topic=topics.next,
-            value_template="{{ value_json.get('short_title') or value_json.get('title') or 'none' }}",
+            value_template="{{ value_json.get('short_title') or value_json.get('title') or None }}",  # None: unknown
             json_attributes_topic=topics.next,
             icon="mdi:calendar-star",
         ),
@@ -388,6 +389,7 @@ def entities(topics: Topics, refresh_topic: str) -> list[Entity]:
             device_class="timestamp",
             json_attributes_topic=topics.last_run,
             entity_category="diagnostic",
+            icon="mdi:clock-check-outline",
         ),
         Button(object_id="refresh", name="Refresh", command_topic=refresh_topic, icon="mdi:refresh"),
     ]
