@@ -33,7 +33,8 @@ def page(status: dict[str, Any]) -> bytes:
     rows = "".join(
         f"<tr><td>{e(name)}</td><td class='{e(w['state'])}'>{e(w['state'])}</td><td>{w['pid'] or ''}</td>"
         f"<td>{w['restarts']}</td><td>{w['error_count']}</td><td>{w['handled']}</td>"
-        f"<td>{e(w['last_exit'] or '')}</td><td>{e(w['last_exit_time'] or '')}</td></tr>"
+        f"<td>{e(w['last_exit'] or '')}</td><td>{e(w['last_exit_time'] or '')}</td>"
+        f"<td>{e(w.get('last_crash_time') or '')}</td></tr>"
         for name, w in status["workers"].items()
     )
     problems = "".join(f"<li>{e(problem)}</li>" for problem in status.get("problems") or [])
@@ -47,7 +48,7 @@ def page(status: dict[str, Any]) -> bytes:
         f"{status['outbox_messages']} publications in the outbox; as of {e(status['last_updated'])}</p>"
         + (f"<ul>{problems}</ul>" if problems else "")
         + "<table><tr><th>worker</th><th>state</th><th>pid</th><th>restarts</th><th>errors</th><th>handled</th>"
-        "<th>last exit</th><th>at</th></tr>"
+        "<th>last exit</th><th>at</th><th>last crash</th></tr>"
         f"{rows}</table><p><a href='/metrics'>metrics</a> · <a href='/healthz'>health</a></p></body></html>\n"
     )
     return text.encode()
