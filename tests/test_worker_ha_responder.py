@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 from typing import Any
 
 from conftest import SupervisorFactory, SupervisorProcess
@@ -243,3 +244,27 @@ def test_counters_start_at_zero_and_automation_results_survive_a_restart(
     document = published_by_the_second("automations")[-1].json()
     assert document["failures"] == 1 and document["last"]["automation"] == "night"
     assert published_by_the_second("automation_failures")[-1].text == "1"
+
+
+def test_a_second_supervisor_on_another_host_adds_its_own_entities_beside_the_first(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, tmp_path: Path
+) -> None:
+    start(supervisors, mqtt, prefix, declarer={"sensors": ["temperature"], "buttons": ["refresh"]})
+    second = ha_tables(prefix)
+    responder = second.pop("responder")
+    second["supervisor"] |= {"base_topic": f"{prefix}/second", "state_dir": str(tmp_path / "second")}
+    second["mqtt"] = {"client_id": "Second-Host"}
+    supervisors.start(
+        {"ha_responder": responder, "declarer": {"out": f"{prefix}/out2", "sensors": ["temperature"]}}, **second
+    )
+    each = 1 + 5 * 2 + 3  # the supervisor's own and ha_responder's, per supervisor
+    wait_until(lambda: len(configs(mqtt, prefix)) == 2 * each + 2 + 1, 15, "the configs of both supervisors")
+    found = configs(mqtt, prefix)
+    for key in ("unique_id", "default_entity_id", "object_id"):
+        values = [config[key] for config in found.values()]
+        assert len(set(values)) == len(values), key  # no `_2` suffixes in Home Assistant
+    theirs = [c for c in found.values() if c["device"]["identifiers"][0].startswith("Second-Host")]
+    assert len(theirs) == each + 1
+    assert all(c["default_entity_id"].split(".")[1].startswith("second_host_") for c in theirs)
+    temperature = [c for c in theirs if c["unique_id"] == "Second-Host_declarer_temperature"]
+    assert temperature[0]["default_entity_id"] == "sensor.second_host_declarer_temperature"
