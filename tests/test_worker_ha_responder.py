@@ -268,3 +268,10 @@ def test_a_second_supervisor_on_another_host_adds_its_own_entities_beside_the_fi
     assert all(c["default_entity_id"].split(".")[1].startswith("second_host_") for c in theirs)
     temperature = [c for c in theirs if c["unique_id"] == "Second-Host_declarer_temperature"]
     assert temperature[0]["default_entity_id"] == "sensor.second_host_declarer_temperature"
+    # Neither takes the other's entities for devices of the home: a real one, announced after them, is the first.
+    light = {"name": "Kitchen", "stat_t": f"{prefix}/zb/kitchen/state", "uniq_id": "k1"}
+    mqtt.publish(f"{prefix}/ha/light/zb/kitchen/config", json.dumps(light), retain=True)
+    for base in (supervisors.base, f"{prefix}/second"):
+        mqtt.wait_for(f"{base}/ha_responder/devices", lambda m: m.text == "1")
+        assert {m.text for m in mqtt.received(f"{base}/ha_responder/devices")} <= {"0", "1"}, base
+    mqtt.publish(f"{prefix}/ha/light/zb/kitchen/config", "", retain=True)

@@ -857,3 +857,27 @@ def test_the_shipped_example_source_works_offline_and_never_runs_out(monkeypatch
         assert len(outcome.items) == 6
         upcoming = [item for item in outcome.items if date.fromisoformat(item.date) >= today]
         assert len(upcoming) >= 4  # a date just past stays in this year; the rest come within the year
+
+
+def test_a_restart_republishes_nothing_when_the_short_titles_came_from_the_rules(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, web: WebServer
+) -> None:
+    # No model answers: the ai_analyzer's rules make the short titles. They are kept, so that after a restart the
+    # list is the same one and not published again (twice: without short titles, then with them).
+    web.routes["/stadium"] = Route(body=page("stadium.html"))
+    analyzer = {"ai_analyzer": {"base_url": "http://127.0.0.1:9/v1", "timeout_seconds": 1.0, "retries": 0}}
+    first = start(supervisors, mqtt, [stadium(web.url("/stadium"))], others=analyzer, short_names=True)
+    mqtt.wait_for(first.events, count=2)  # the list, then the list with short titles
+    assert all(item.get("short_title") for item in first.lists()[-1]["items"])
+    first.process.signal(signal.SIGTERM)
+    assert first.process.wait() == 0
+    published, seen = len(first.lists()), len(mqtt.messages)
+    again = start(supervisors, mqtt, [stadium(web.url("/stadium"))], others=analyzer, subscribe=False, short_names=True)
+    again.runs(2)  # the first run's (before the restart) and the startup run after it
+
+    def handled_the_reply() -> bool:  # the rules' short titles came back to the new scraper
+        statuses = [m.json() for m in mqtt.messages[seen:] if m.topic == f"{supervisors.base}/status"]
+        return any(status["workers"]["scraper"]["handled"] >= 1 for status in statuses)
+
+    wait_until(handled_the_reply, 10, "the scraper to take the short titles")
+    assert len(again.lists()) == published

@@ -36,6 +36,7 @@ _ABBREVIATIONS = {  # the discovery keys this worker reads, by their abbreviated
     "uniq_id": "unique_id",
     "dev": "device",
     "json_attr_t": "json_attributes_topic",
+    "o": "origin",
 }
 _ACTIONS = ("list_devices", "get_state", "set_state")
 
@@ -285,6 +286,9 @@ class HaResponder(Worker[HaResponderConfig]):
         if not isinstance(config, dict):
             raise msgspec.ValidationError(f"expected a JSON object, got {type(config).__name__}")
         config = {_ABBREVIATIONS.get(key, key): value for key, value in config.items()}
+        origin = config.get("origin")
+        if isinstance(origin, dict) and origin.get("name") == self.site.origin().name:
+            return  # another supervisor's (on another host): not a device of the home
         device = TrackedDevice.from_discovery(device_id, levels[0], config)
         self._track(ctx, device)
 

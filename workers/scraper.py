@@ -111,6 +111,9 @@ class SavedState(msgspec.Struct, kw_only=True):
     sources: dict[str, SourceState] = msgspec.field(default_factory=dict)
     published_hash: str = ""
     short_titles: dict[str, str] = msgspec.field(default_factory=dict)  # title -> short title, from the model
+    # title -> short title made by rules while the model failed: shown (also after a restart, so that the list is
+    # the same one), and the model is asked again at the next run
+    provisional_titles: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class AskedTitles(msgspec.Struct, frozen=True, kw_only=True):
@@ -165,7 +168,6 @@ class Scraper(Worker[ScraperConfig]):
         self.next_run: Timer | None = None
         self.stopping = threading.Event()
         self.asked: dict[str, AskedTitles] = {}  # AI requests not answered yet, by id
-        self.provisional: dict[str, str] = {}  # short titles made by rules while the model failed
         ctx.declare(entities(self.topics, ctx.command_topic("refresh")))
         if self.config.short_names:
             ctx.subscribe(self.topics.ai_reply, qos=1)
@@ -279,7 +281,7 @@ class Scraper(Worker[ScraperConfig]):
         return True
 
     def upcoming(self, ctx: Context) -> list[Item]:
-        names = {**self.state.short_titles, **self.provisional} if self.config.short_names else {}
+        names = {**self.state.provisional_titles, **self.state.short_titles} if self.config.short_names else {}
         every = (self.saved(source).items for source in self.config.sources)
         return upcoming(every, self.today(ctx), names, self.config.max_items)
 
@@ -309,8 +311,7 @@ class Scraper(Worker[ScraperConfig]):
                 "ignored AI reply %s: expected %d results, got %d", reply.id, len(asked.titles), len(reply.results)
             )
             return
-        # Rule-made fallbacks are shown but not kept, so the model is asked again at the next run.
-        names = self.provisional if reply.fallback else self.state.short_titles
+        names = self.state.provisional_titles if reply.fallback else self.state.short_titles
         names.update(
             (title, short.strip()) for title, short in zip(asked.titles, reply.results, strict=True) if short.strip()
         )
@@ -319,7 +320,7 @@ class Scraper(Worker[ScraperConfig]):
 
     def forget_old_short_titles(self) -> None:
         titles = {item.title for saved in self.state.sources.values() for item in saved.items}
-        for names in (self.state.short_titles, self.provisional):
+        for names in (self.state.short_titles, self.state.provisional_titles):
             for title in names.keys() - titles:
                 del names[title]
 
