@@ -24,9 +24,10 @@ from contracts.envelopes import (
     Subscribe,
 )
 from contracts.status import WorkerFacts
-from contracts.worker import Command, Context, NoConfig, Site, Subscription, Timer, Trigger, Worker
+from contracts.worker import RESTART_COMMAND, Command, Context, NoConfig, Site, Subscription, Timer, Trigger, Worker
 
 __all__ = [
+    "RESTART_COMMAND",
     "Command",
     "Context",
     "EntitiesDeclared",

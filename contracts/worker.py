@@ -38,6 +38,10 @@ class Subscription(msgspec.Struct, frozen=True):
     local: bool = False
 
 
+# Every worker's command that the supervisor carries out itself: a press on `<base>/cmd/<worker>/restart`.
+RESTART_COMMAND = "restart"
+
+
 class Site(msgspec.Struct, frozen=True, kw_only=True):
     """Where a worker runs: the supervisor's topics and Home Assistant's, from the supervisor's config."""
 
@@ -85,8 +89,22 @@ class Site(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.base_topic}/worker/{worker}/availability"
 
     def command_topic(self, worker: str, command: str) -> str:
-        """Where a press of `worker`'s `command` button arrives; it reaches the worker as a `Command`."""
+        """Where a press of `worker`'s `command` button arrives; it reaches the worker as a `Command`, except
+        `RESTART_COMMAND`, the supervisor's own."""
         return f"{self.base_topic}/cmd/{worker}/{command}"
+
+    @property
+    def commands_prefix(self) -> str:
+        """What every command topic starts with."""
+        return f"{self.base_topic}/cmd/"
+
+    def restart_pressed(self, topic: str) -> str | None:
+        """The worker whose restart button `topic` is, if it is one."""
+        prefix, suffix = self.commands_prefix, f"/{RESTART_COMMAND}"
+        if topic.startswith(prefix) and topic.endswith(suffix):
+            worker = topic[len(prefix) : -len(suffix)]
+            return worker if worker and "/" not in worker else None
+        return None
 
     @property
     def entities_topic(self) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from contracts import Message
+from contracts import Message, Site
 from contracts.decoding import BoundedJson
 
 log = logging.getLogger("supervisor")
@@ -31,8 +31,8 @@ class ControlError(Exception):
     """Raised when a control request cannot be carried out; its message is the reply's `error`."""
 
 
-class Controls(Protocol):
-    """What the control API can ask of the supervisor."""
+class Workers(Protocol):
+    """What the control API can ask of the workers (the worker pool); each returns the worker's state now."""
 
     def restart_worker(self, name: str) -> str: ...
 
@@ -40,7 +40,13 @@ class Controls(Protocol):
 
     def start_worker(self, name: str) -> str: ...
 
-    def status_document(self) -> Any: ...
+
+class Status(Protocol):
+    """What the control API can ask of the status (the status reporter)."""
+
+    def document(self) -> Any:
+        """The status document as plain values."""
+        ...
 
     def republish(self) -> None: ...
 
@@ -49,27 +55,29 @@ Reply = Callable[[str, bytes, bytes | None], None]  # (topic, payload, correlati
 
 
 class ControlAPI:
-    def __init__(self, base_topic: str, controls: Controls, reply: Reply) -> None:
-        self.base = base_topic
-        self.controls = controls
+    def __init__(self, site: Site, workers: Workers, status: Status, reply: Reply) -> None:
+        self.site = site
+        self.workers = workers
+        self.status = status
         self.reply = reply
 
     @property
     def filters(self) -> list[str]:
         """What the supervisor subscribes to for itself. Restart presses arrive through each worker's own command
         filter (`<base>/cmd/<worker>/+`): one more filter here would overlap them all."""
-        return [f"{self.base}/request/+"]
+        return [f"{self.site.request_prefix}/+"]
 
     def handle(self, message: Message) -> None:
-        levels = message.topic[len(self.base) + 1 :].split("/")
-        if levels[0] == "cmd" and len(levels) == 3 and levels[2] == "restart":
-            self._restart_pressed(worker=levels[1])
-        elif levels[0] == "request" and len(levels) == 2:
-            self._request(levels[1], message)
+        pressed = self.site.restart_pressed(message.topic)
+        prefix = f"{self.site.request_prefix}/"
+        if pressed is not None:
+            self._restart_pressed(worker=pressed)
+        elif message.topic.startswith(prefix) and "/" not in message.topic[len(prefix) :]:
+            self._request(message.topic[len(prefix) :], message)
 
     def _restart_pressed(self, worker: str) -> None:
         try:
-            self.controls.restart_worker(worker)
+            self.workers.restart_worker(worker)
         except ControlError as exc:
             log.warning("restart button for %s: %s", worker, exc)
 
@@ -80,19 +88,19 @@ class ControlAPI:
         except ControlError as exc:
             answer = {"ok": False, "error": str(exc)}
         log.info("control request %s: %s", action, "ok" if answer["ok"] else answer["error"])
-        topic = message.response_topic or f"{self.base}/response/{action}"
+        topic = message.response_topic or f"{self.site.base_topic}/response/{action}"
         self.reply(topic, json.dumps(answer).encode(), message.correlation_data)
 
     def _carry_out(self, action: str, payload: bytes) -> dict[str, Any]:
         if action == "status":
-            return {"status": self.controls.status_document()}
+            return {"status": self.status.document()}
         if action == "republish":
-            self.controls.republish()
+            self.status.republish()
             return {}
         commands = {
-            "restart": self.controls.restart_worker,
-            "stop": self.controls.stop_worker,
-            "start": self.controls.start_worker,
+            "restart": self.workers.restart_worker,
+            "stop": self.workers.stop_worker,
+            "start": self.workers.start_worker,
         }
         if action not in commands:
             raise ControlError(f"unknown action {action!r}; expected one of: republish, restart, start, status, stop")

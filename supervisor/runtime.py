@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from contracts import (
+    RESTART_COMMAND,
     Command,
     EntitiesDeclared,
     ErrorReported,
@@ -517,7 +518,7 @@ class WorkerLoop:
 
     def _command(self, message: Message) -> None:
         name = message.topic[len(self._commands) :]
-        if name != "restart":  # the supervisor's own: it restarts this process
+        if name != RESTART_COMMAND:  # the supervisor's own: it restarts this process
             self.worker.on_command(self.ctx, Command(name=name, payload=message.payload))
 
     def _stop(self) -> None:

@@ -1,8 +1,14 @@
 """One worker as the supervisor sees it, across its process incarnations: state, queue, messages in hand.
 
-Pure bookkeeping over explicit timestamps; the Supervisor does the I/O. The worker handles its messages in order
-and reports them finished once per batch it read, so after a death the messages still in flight may have been
-finished already, be waiting, or be the one in the handler; the process says which (`message_in_handler`).
+Pure bookkeeping over explicit timestamps; the worker pool (`supervisor.pool`) does the I/O. Its state changes only
+in the methods of "Lifecycle", so its state machine reads in one place:
+
+    STOPPED/BACKOFF/FAILED --starting--> STARTING --running--> RUNNING --stopping--> STOPPING
+    any state with a process --ended--> then backing_off (BACKOFF), stopped (STOPPED) or failed (FAILED)
+
+The worker handles its messages in order and reports them finished once per batch it read, so after a death the
+messages still in flight may have been finished already, be waiting, or be the one in the handler; the process says
+which (`message_in_handler`).
 """
 
 from __future__ import annotations
@@ -112,6 +118,61 @@ class WorkerSlot:
     facts: WorkerFacts = field(default_factory=WorkerFacts)  # what the worker reported about its own work
     # Whether each of its last few messages and reported runs succeeded, newest last.
     outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=RECENT_OUTCOMES))
+
+    # Lifecycle ----------------------------------------------------------------------------------------------------
+
+    def starting(self, process: WorkerProcess, now: float) -> None:
+        """A process was started for it."""
+        self.timer = None
+        self.kill_reason = None
+        self.process = process
+        self.state = WorkerState.STARTING
+        self.last_seen = now
+
+    def running(self, now: float) -> None:
+        """Its process finished `on_start`."""
+        if self.state is WorkerState.STARTING:
+            self.state = WorkerState.RUNNING
+        self.tracker.started(now)
+
+    def stopping(self, timer: TimerHandle) -> None:
+        """Its process was asked to stop (because the supervisor stops); `timer` escalates to a signal."""
+        self.queued.clear()  # still owed: the broker and the outbox deliver them again after the restart
+        self.state = WorkerState.STOPPING
+        self.timer = timer
+
+    def ended(self, reason: RestartReason, description: str, time: str, stopping: bool) -> None:
+        """Its process is gone: `description` of its exit, ISO `time`; `stopping`: the supervisor stops (then
+        nothing is a crash). Its state is decided next: `backing_off`, `stopped` or `failed`."""
+        self.process = None
+        self.outgoing.clear()
+        self.cancel_timer()
+        self.last_exit, self.last_exit_time = f"{description} ({reason})", time
+        if reason.crash and not stopping:
+            self.last_crash, self.last_crash_time = self.last_exit, time
+
+    def backing_off(self, reason: RestartReason, timer: TimerHandle) -> None:
+        """It will be started again when `timer` fires."""
+        self.restarts[reason] += 1
+        self.state = WorkerState.BACKOFF
+        self.timer = timer
+
+    def stopped(self) -> None:
+        """It stays down until started again (a command, or its restart policy)."""
+        self.cancel_timer()
+        self.state = WorkerState.STOPPED
+
+    def failed(self) -> list[Message]:
+        """It restarted too often: down until a person restarts it. Returns its queued messages, now dropped."""
+        self.state = WorkerState.FAILED
+        return self.drop_queued()
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # Its work -----------------------------------------------------------------------------------------------------
 
     def report(self, facts: WorkerFacts) -> None:
         """Take the fields the worker set; the others keep their last value. A run's outcome is one outcome."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -81,6 +81,10 @@ class StatusReporter:
         self._last = None
         self.check_availability()
         self._publish_status(force=True)
+
+    def document(self) -> Any:
+        """The status document now, as plain values (the control API's `status`, the metrics)."""
+        return msgspec.to_builtins(self.snapshot())
 
     def stopped(self) -> None:
         """At a clean stop, just before the link disconnects: every worker offline, and a last status that says

@@ -30,7 +30,8 @@ from contracts import Publish
 from contracts.decoding import BoundedJson, InputRejected, check_json
 from contracts.homeassistant import DiscoveryBundle
 from supervisor import config
-from supervisor.core import site_of, worker_subscriptions
+from supervisor.core import site_of
+from supervisor.routing import worker_subscriptions
 from supervisor.errors import StateBrokenError
 from supervisor.loop import Loop
 from supervisor.outbox import Outbox

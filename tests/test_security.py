@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, SupervisorFactory, supervisors_on
 from support import Broker, MqttProbe
 
-from supervisor.discovery import node_id
+from supervisor.ha_entities import node_id
 
 USER, PASSWORD = "alice", "s3cret"
 

@@ -1,21 +1,68 @@
-"""The supervisor's own Home Assistant entities: a Status sensor on the supervisor's device and, on each worker's
-device, whether it runs, its errors, restarts and last crash, and a Restart button.
+"""Home Assistant entities: the supervisor's own, and the bundle of everything declared that goes to ha_responder.
 
-The entities about a worker follow the supervisor's availability only: a worker that is down must show as not
-running, and its Restart button must stay pressable. They are declared like a worker's and published by the
-ha_responder worker with the rest.
+The supervisor's own are a Status sensor on the supervisor's device and, on each worker's device, whether it runs,
+its errors, restarts and last crash, and a Restart button. The entities about a worker follow the supervisor's
+availability only: a worker that is down must show as not running, and its Restart button must stay pressable.
+
+`EntityBundle` keeps what the supervisor and each worker declared and sends it all (local-only, as a
+`DiscoveryBundle` on `Site.entities_topic`) to the worker that publishes discovery, at the end of a wake-up in
+which something changed.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
 
-from contracts import Site
-from contracts.homeassistant import Availability, BinarySensor, Button, DeclaredEntity, Entity, Sensor, declared
+from contracts import Publish, Site
+from contracts.homeassistant import (
+    Availability,
+    BinarySensor,
+    Button,
+    DeclaredEntity,
+    DiscoveryBundle,
+    Entity,
+    Sensor,
+    declared,
+)
+from supervisor import control
+
+Send = Callable[[Publish], object]
+
+
+class EntityBundle:
+    """What the supervisor (`owner` "supervisor") and each worker declared, sent to ha_responder when it changed."""
+
+    def __init__(self, site: Site, workers: Mapping[str, str | None], send: Send) -> None:
+        """`workers` maps every configured worker to its title; `send` delivers a local-only publication."""
+        self.site = site
+        self.send = send
+        self.owners = [control.NAME, *workers]
+        self.declared: dict[str, list[DeclaredEntity]] = {control.NAME: supervisor_entities(site, workers)}
+        self._due: bool | None = None  # None: nothing to send; else whether to ask for a full republish
+
+    def declare(self, owner: str, entities: list[DeclaredEntity] | None) -> None:
+        """`owner` declared `entities`; None: it started (what it declared in its start came before)."""
+        if entities is None:
+            self.declared.setdefault(owner, [])
+            self.send_soon()  # it may be the one that publishes discovery
+        elif self.declared.get(owner) != entities:
+            self.declared[owner] = entities
+            self.send_soon()
+
+    def send_soon(self, republish: bool = False) -> None:
+        """Send the bundle at the end of this wake-up; `republish`: ask for every config again."""
+        self._due = republish or bool(self._due)
+
+    def flush(self) -> None:
+        if self._due is None:
+            return
+        bundle = DiscoveryBundle(owners=self.owners, declared=self.declared, republish=self._due)
+        self._due = None
+        self.send(Publish(topic=self.site.entities_topic, payload=msgspec.msgpack.encode(bundle), local_only=True))
 
 
 def node_id(client_id: str) -> str:
