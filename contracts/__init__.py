@@ -23,8 +23,8 @@ from contracts.envelopes import (
     Stop,
     Subscribe,
 )
-from contracts.status import WorkerFacts
-from contracts.worker import RESTART_COMMAND, Command, Context, NoConfig, Site, Subscription, Timer, Trigger, Worker
+from contracts.status import Trigger, WorkerFacts
+from contracts.worker import RESTART_COMMAND, Command, Context, NoConfig, Site, Subscription, Timer, Worker
 
 __all__ = [
     "RESTART_COMMAND",

@@ -7,26 +7,43 @@ fields they do not know.
 
 from __future__ import annotations
 
+from enum import StrEnum
+from typing import Any, Literal
+
 import msgspec
+
+Trigger = Literal["startup", "interval", "command", "catch_up"]  # what started a worker's run
+
+
+class WorkerState(StrEnum):
+    """Where a worker is in its life (see `supervisor.slot` for how it moves)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
 
 
 class WorkerFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What a worker reports about its own work (`ctx.report_status`); None means not reported."""
 
     last_run_ts: float | None = None
-    last_run_trigger: str | None = None  # startup | interval | command | catch_up
+    last_run_trigger: Trigger | None = None
     last_run_ok: bool | None = None  # whether that run did its work (a failed run is also counted as an error)
     interval_seconds: float | None = None
     ai_enabled: bool | None = None
     ai_model: str | None = None
     event_count: int | None = None
+    fields: dict[str, Any] | None = None  # the worker's own (`ctx.report_status(**fields)`): plain JSON values
 
 
 class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One worker's entry. The fields with defaults appear only where they apply: the facts the worker itself
     reports, and `duplicates` for a worker that deduplicates."""
 
-    state: str  # starting | running | backoff | stopping | stopped | failed
+    state: WorkerState
     pid: int | None
     restarts: int
     restart_reasons: dict[str, int]
@@ -44,12 +61,13 @@ class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     duplicates: int | None = None
     last_run_ts: float | None = None
     last_run_iso: str | None = None  # ISO 8601 of last_run_ts
-    last_run_trigger: str | None = None
+    last_run_trigger: Trigger | None = None
     last_run_ok: bool | None = None
     interval_seconds: float | None = None
     ai_enabled: bool | None = None
     ai_model: str | None = None
     event_count: int | None = None
+    fields: dict[str, Any] | None = None  # what the worker reports of its own, beyond the fields above
 
 
 class MqttStatus(msgspec.Struct, frozen=True, kw_only=True):

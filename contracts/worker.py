@@ -18,9 +18,9 @@ import msgspec
 
 from contracts.envelopes import Message
 from contracts.homeassistant import Device, Entity, Origin, title
+from contracts.status import Trigger
 
 T = TypeVar("T")
-Trigger = Literal["startup", "interval", "command", "catch_up"]
 
 
 class Subscription(msgspec.Struct, frozen=True):
@@ -30,12 +30,22 @@ class Subscription(msgspec.Struct, frozen=True):
     broker replays it to every new subscriber), so the supervisor drops and counts it instead of delivering it.
     `local=True` marks a filter for what only the supervisor and its workers exchange: it is never subscribed at the
     broker, and a copy from the broker is never delivered through it (no other client can forge such a message).
+
+    With a `handler`, each message on the filter goes to `handler(ctx, value, message)` instead of `on_message`,
+    its payload decoded as `type`: a msgspec Struct (or any type msgspec decodes) from JSON, or from msgpack with
+    `format="msgpack"`; `bytes` is the raw payload, `str` its UTF-8 text. JSON over `max_bytes` or nested too deep
+    is refused. A payload that does not decode counts as a `decode` error and reaches no handler. When several
+    filters match a topic, the first declared takes the message (see `contracts.handling`).
     """
 
     topic_filter: str
     qos: int = 0
     commands: bool = False
     local: bool = False
+    handler: Callable[[Context, Any, Message], None] | None = None
+    type: Any = bytes
+    format: Literal["json", "msgpack"] = "json"
+    max_bytes: int | None = 1024 * 1024
 
 
 # Every worker's command that the supervisor carries out itself: a press on `<base>/cmd/<worker>/restart`.
@@ -200,16 +210,21 @@ class Context(Protocol):
         ai_enabled: bool | None = None,
         ai_model: str | None = None,
         event_count: int | None = None,
+        **fields: Any,
     ) -> None:
         """Set fields of this worker's entry in the supervisor's status document; None leaves a field as it is.
+        `fields` are the worker's own (`report_status(queue_length=3)`), shown under `fields` in its entry: plain
+        JSON values, at most 4 KiB; ValueError otherwise.
 
         A run reported with `last_run_ok` counts toward the supervisor's health: while a worker's last few runs
         (messages handled or runs reported) have all failed, the status is `degraded`."""
         ...
 
-    def subscribe(self, topic_filter: str, qos: int = 0) -> None:
-        """Also receive messages on `topic_filter` from now on (until the worker stops); raises ValueError for an
-        invalid filter."""
+    def subscribe(self, topic_filter: str | Subscription, qos: int = 0) -> None:
+        """Also receive messages on a topic filter from now on (until the worker stops): a `Subscription`, as
+        `subscriptions()` returns them (with a `handler`, its messages go there), or a filter and a QoS for
+        `on_message`. Raises ValueError for an invalid filter, a QoS other than 0, 1 or 2, or `commands` or `local`,
+        which only `subscriptions()` can set."""
         ...
 
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from supervisor import config, secrets  # after the identity check: another `supervisor` has no such module
     from supervisor.core import Supervisor
-    from supervisor.runtime import name_process
+    from supervisor.worker_process import name_process
 
     environ = dict(os.environ) | secrets.take_handover(os.environ)
     try:

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from contracts import Worker
+from contracts.homeassistant import title
 from contracts.topics import publish_topic_problem
 from supervisor.errors import ConfigError
 from supervisor.registry import discover
@@ -137,8 +138,8 @@ class WorkerSupervision(_Table, frozen=True, kw_only=True, forbid_unknown_fields
     # dedupe_max_entries ids.
     dedupe_seconds: Annotated[float, msgspec.Meta(ge=0, le=_YEAR)] = 0.0
     dedupe_max_entries: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 10000
-    # Resource limits, applied in the worker's process (see supervisor.runtime); unset: the worker class's default
-    # memory limit, the supervisor's niceness and descriptor limit.
+    # Resource limits, applied in the worker's process (see supervisor.worker_process); unset: the worker class's
+    # default memory limit, the supervisor's niceness and descriptor limit.
     memory_limit_mb: Annotated[int, msgspec.Meta(ge=16, le=1_048_576)] | None = None
     cpu_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] | None = None
     max_open_files: Annotated[int, msgspec.Meta(ge=16, le=1_048_576)] | None = None
@@ -155,6 +156,14 @@ class WorkerSettings:
     config: msgspec.Struct
     # The secret variables its section names (keys ending in `_env`) that are set: its processes get these only.
     environment: dict[str, Secret] = field(default_factory=dict)
+
+    @property
+    def title(self) -> str:
+        """How a person reads its name (its Home Assistant device's): its class's `title` when the section is
+        named after the class, else from the section's name (`scraper_news` of `worker = "scraper"`: "Scraper
+        news")."""
+        own = self.worker_class.title if self.name == self.worker_class.name else None
+        return own or title(self.name)
 
     @property
     def memory_limit_mb(self) -> int | None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from contracts import Message, Site
 from contracts.homeassistant import DeclaredEntity
+from contracts.status import WorkerState
 from supervisor import __version__, control
 from supervisor.config import Settings
 from supervisor.control import ControlAPI
@@ -45,7 +46,7 @@ from supervisor.processes import start_method_context
 from supervisor.publishing import Publisher
 from supervisor.router import Router
 from supervisor.routing import Routing
-from supervisor.slot import WorkerSlot, WorkerState
+from supervisor.slot import WorkerSlot
 from supervisor.status import StatusReporter
 from supervisor.systemd import Notifier
 
@@ -121,7 +122,7 @@ class Supervisor:
         self.routing = Routing(
             settings, self.site, self.link, router, self.pool.slots, self.deliveries, self.control, ids, clock
         )
-        titles = {name: slot.settings.worker_class.title for name, slot in self.pool.slots.items()}
+        titles = {name: slot.settings.title for name, slot in self.pool.slots.items()}
         self.entities = EntityBundle(self.site, titles, lambda p: self.publisher.publish(control.NAME, p))
         self.dedupe: Deduplicator | None = None  # opened in run(), when a worker deduplicates
         self.metrics: MetricsServer | None = None
@@ -145,7 +146,7 @@ class Supervisor:
         try:
             self._open()
             slots = self.pool.slots.values()
-            modules = sorted({"supervisor.runtime"} | {s.settings.worker_class.__module__ for s in slots})
+            modules = sorted({"supervisor.worker_process"} | {s.settings.worker_class.__module__ for s in slots})
             context = start_method_context(self.settings.supervisor.start_method, modules)
             self.pool.start(context, lambda: [*self.loop.fds(), *(s.fileno() for s in wakeup)])
             self.publisher.replay()  # after the starts: a worker that is not starting refuses its messages

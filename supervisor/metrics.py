@@ -19,10 +19,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from contracts.status import WorkerState
 from supervisor import statuspage
 from supervisor.errors import StartupError
 from supervisor.loop import Loop, TimerHandle
-from supervisor.slot import LATENCY_BUCKETS, ErrorKind, RestartReason, WorkerSlot, WorkerState
+from supervisor.slot import LATENCY_BUCKETS, ErrorKind, RestartReason, WorkerSlot
 
 log = logging.getLogger(__name__)
 

@@ -290,7 +290,7 @@ class WorkerPool:
 
     def _check_memory(self) -> None:
         """Kill a worker whose resident memory passed its limit. (Inside a worker, RLIMIT_DATA stops a fast
-        allocation between two checks: see `supervisor.runtime`.)"""
+        allocation between two checks: see `supervisor.worker_process`.)"""
         for slot in self.slots.values():
             limit = slot.settings.memory_limit_mb
             process = slot.process

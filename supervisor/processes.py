@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from contracts import Outbound, Site, Stop
-from supervisor import runtime
+from supervisor import worker_process
 from supervisor.channel import Channel
 from supervisor.config import WorkerSettings
 
@@ -50,7 +50,7 @@ def _prepare_shared_state() -> None:
 
 
 def start_method_context(method: str, preload: list[str]) -> Any:
-    """The multiprocess context for `method`; a forkserver preloads `preload` (the runtime and worker modules).
+    """The multiprocess context for `method`; a forkserver preloads `preload` (the worker-side modules, workers').
 
     systemd's variables are removed from this process's environment first, so no worker inherits them.
 
@@ -108,7 +108,7 @@ class WorkerProcess:
     ) -> None:
         """Start the worker. `inherited`: the supervisor's descriptors, which a forked child must release;
         `in_handler`: the shared word in which the worker keeps the id of the message it is handling (see
-        `supervisor.runtime`), made by `shared_word`."""
+        `supervisor.worker_loop`), made by `shared_word`."""
         ours, theirs = socket.socketpair()
         forked = context.get_start_method() == "fork"
         if forked:
@@ -125,8 +125,9 @@ class WorkerProcess:
                 "and forking a threaded process can leave the child with locks nobody will release"
             )
         cls = settings.worker_class
-        spec = runtime.WorkerSpec(
+        spec = worker_process.WorkerSpec(
             name=settings.name,
+            title=settings.title,
             module=cls.__module__,
             qualname=cls.__qualname__,
             config=msgspec.msgpack.encode(settings.config),
@@ -145,7 +146,7 @@ class WorkerProcess:
         self.start_error: str | None = None  # what the worker reported when its on_start raised
         self.limit_reached: str | None = None  # the limit it reported reaching (it exits next)
         self.process = context.Process(
-            target=runtime.run, args=(spec, theirs, in_handler), name=f"worker-{settings.name}"
+            target=worker_process.run, args=(spec, theirs, in_handler), name=f"worker-{settings.name}"
         )
         try:
             self.process.start()

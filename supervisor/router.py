@@ -14,65 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from contracts.topics import InvalidTopicFilter, check_filter, covers, matches, overlap
 from contracts.topics import filter_levels as _levels
 from contracts.topics import match_levels as _match
-from contracts.topics import matches
 
 __all__ = ["InvalidTopicFilter", "Router", "check_filter", "covers", "matches", "overlap"]
 
 _CACHE_LIMIT = 4096
-
-
-class InvalidTopicFilter(ValueError):
-    """Raised when a topic filter breaks MQTT's rules (wildcards not alone in their level, `#` not last)."""
-
-    def __init__(self, topic_filter: str, reason: str) -> None:
-        self.topic_filter = topic_filter
-        super().__init__(f"invalid topic filter {topic_filter!r}: {reason}")
-
-
-def check_filter(topic_filter: str) -> None:
-    """Raise InvalidTopicFilter unless `topic_filter` is a valid MQTT topic filter."""
-    levels = _levels(topic_filter)
-    if not topic_filter:
-        raise InvalidTopicFilter(topic_filter, "it is empty")
-    for index, level in enumerate(levels):
-        if ("+" in level or "#" in level) and len(level) > 1:
-            raise InvalidTopicFilter(topic_filter, f"a wildcard must fill its whole level, not {level!r}")
-        if level == "#" and index != len(levels) - 1:
-            raise InvalidTopicFilter(topic_filter, "'#' must be the last level")
-
-
-def covers(wide: str, narrow: str) -> bool:
-    """True when every topic that matches filter `narrow` also matches filter `wide`."""
-    a, b = _levels(wide), _levels(narrow)
-    if b[0].startswith("$") and a[0] in ("+", "#"):
-        return False
-    for index, level in enumerate(a):
-        if level == "#":
-            return True
-        if index >= len(b) or b[index] == "#" or (level != "+" and (level != b[index] or b[index] == "+")):
-            return False
-    return len(a) == len(b)
-
-
-def overlap(first: str, second: str) -> bool:
-    """True when some topic matches both filters."""
-    a, b = _levels(first), _levels(second)
-    if a[0].startswith("$") != b[0].startswith("$"):
-        wild = a[0] if b[0].startswith("$") else b[0]
-        if wild in ("+", "#"):
-            return False
-    for index in range(max(len(a), len(b))):
-        if index >= len(a) or index >= len(b):
-            longer = a if len(a) > len(b) else b
-            return longer[index] == "#"  # 'x/#' also matches 'x'
-        p, q = a[index], b[index]
-        if "#" in (p, q):
-            return True
-        if "+" not in (p, q) and p != q:
-            return False
-    return True
 
 
 class Router:

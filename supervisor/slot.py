@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from contracts import Inbound, Message, WorkerFacts
+from contracts.status import WorkerState
 from supervisor.config import WorkerSettings
 from supervisor.loop import TimerHandle
 from supervisor.processes import WorkerProcess
@@ -33,17 +34,8 @@ RECENT_OUTCOMES = 3
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class WorkerState(Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
 class ErrorKind(StrEnum):
-    """The errors the supervisor and the worker runtime count for every worker (workers add their own kinds, which
+    """The errors the supervisor and the worker loop count for every worker (workers add their own kinds, which
     they list in `Worker.error_kinds`)."""
 
     HANDLER = "handler"  # on_message, on_command or a callback raised
@@ -177,6 +169,8 @@ class WorkerSlot:
     def report(self, facts: WorkerFacts) -> None:
         """Take the fields the worker set; the others keep their last value. A run's outcome is one outcome."""
         changes = {name: value for name in facts.__struct_fields__ if (value := getattr(facts, name)) is not None}
+        if facts.fields is not None:
+            changes["fields"] = {**(self.facts.fields or {}), **facts.fields}
         self.facts = msgspec.structs.replace(self.facts, **changes)
         if facts.last_run_ok is not None:
             self.outcomes.append(facts.last_run_ok)

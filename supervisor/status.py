@@ -14,9 +14,9 @@ from typing import Any, Protocol
 
 import msgspec
 
-from contracts.status import MqttStatus, Status, WorkerStatus
+from contracts.status import MqttStatus, Status, WorkerState, WorkerStatus
 from supervisor.loop import Loop
-from supervisor.slot import WorkerSlot, WorkerState
+from supervisor.slot import WorkerSlot
 
 _CHECK_SECONDS = 1.0
 
@@ -180,7 +180,7 @@ def _worker_status(slot: WorkerSlot) -> WorkerStatus:
     facts = slot.facts
     last_run = facts.last_run_ts
     return WorkerStatus(
-        state=slot.state.value,
+        state=slot.state,
         pid=slot.process.pid if slot.process is not None else None,
         restarts=sum(slot.restarts.values()),
         restart_reasons=dict(slot.restarts),
@@ -204,4 +204,5 @@ def _worker_status(slot: WorkerSlot) -> WorkerStatus:
         ai_enabled=facts.ai_enabled,
         ai_model=facts.ai_model,
         event_count=facts.event_count,
+        fields=facts.fields,
     )

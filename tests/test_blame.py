@@ -1,7 +1,7 @@
 """Exact blame: only the message in a worker's handler when it died counts toward its dead-letter limit.
 
 The worker reports the messages it finished once per batch it read, so at a death most of a batch still looks
-unfinished; which one was in the handler is known exactly (see `supervisor.runtime`), and only that one is blamed.
+unfinished; which one was in the handler is known exactly (see `supervisor.worker_loop`), and only that one is blamed.
 """
 
 from __future__ import annotations

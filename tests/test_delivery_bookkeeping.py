@@ -10,12 +10,13 @@ import pytest
 from testworkers.echo import Echo, EchoConfig
 
 from contracts import Message, Publish
+from contracts.status import WorkerState
 from supervisor.config import WorkerSettings, WorkerSupervision
 from supervisor.dedupe import Deduplicator, Window
 from supervisor.delivery import Deliveries
 from supervisor.errors import OutboxInUseError
 from supervisor.outbox import REMOVALS_BATCH, REMOVALS_WAIT_SECONDS, Outbox
-from supervisor.slot import Offer, WorkerSlot, WorkerState
+from supervisor.slot import Offer, WorkerSlot
 from supervisor.supervision import RestartTracker
 
 

@@ -11,7 +11,7 @@ import pytest
 from contracts import EntitiesDeclared, Site
 from contracts.homeassistant import Availability, BinarySensor, Button, Sensor, discovery_payload
 from supervisor.loop import Loop
-from supervisor.runtime import WorkerContext
+from supervisor.worker_context import WorkerContext
 
 
 def test_declarations_are_checked_when_they_are_made() -> None:

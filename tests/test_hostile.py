@@ -31,10 +31,10 @@ from contracts.decoding import BoundedJson, InputRejected, check_json
 from contracts.homeassistant import DiscoveryBundle
 from supervisor import config
 from supervisor.core import site_of
-from supervisor.routing import worker_subscriptions
 from supervisor.errors import StateBrokenError
 from supervisor.loop import Loop
 from supervisor.outbox import Outbox
+from supervisor.routing import worker_subscriptions
 
 DEEP = b'{"worker": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
 
