@@ -234,9 +234,23 @@ ConfigT = TypeVar("ConfigT", bound=msgspec.Struct)
 class Worker(Generic[ConfigT]):
     """Base class of every worker. Subclasses set `name` and `Config` and override the hooks they need.
 
-    Failure policy: an exception from `on_message` or a timer callback is counted as an error of kind `handler` and
-    the worker goes on with the next message; an exception from `on_start` crashes the worker, and the supervisor
-    restarts it according to its restart policy.
+    The hooks, in order. Every hook but `subscriptions` runs in the worker's own process, on its one thread, one at
+    a time: a hook, a message handler and a timer callback never run at once. State is set up in `on_start`
+    (`__init__` runs in the supervisor too, to call `subscriptions`, so keep it to plain defaults).
+
+    - `subscriptions()`: the topic filters it takes, each with an optional typed `handler`. Called in the
+      supervisor process at start (to subscribe) and again in the worker process (to dispatch), after `config` and
+      `site` are set. An exception there, or an invalid filter, is a config error: the supervisor does not start.
+    - `on_start(ctx)`: once, before the first message. Raising is a crash (error kind `start`): the process exits
+      and the supervisor restarts it by its restart policy; `on_stop` does not run.
+    - each message, one at a time: a press of one of its buttons to `on_command`, a message on a filter with a
+      handler to that handler, any other to `on_message`. Raising counts one `handler` error (a payload that does
+      not decode: `decode`) and the worker goes on with the next message. The same for timer callbacks
+      (`ctx.every`, `ctx.call_later`) and `run_in_thread` results, which run between messages.
+    - `on_stop(ctx)`: once, when the worker is asked to stop (a stop or restart request, the supervisor stopping)
+      or the supervisor is gone, after the message in hand. Raising counts one `stop` error; the process still
+      exits normally. It does not run after a kill (SIGKILL: a hung worker, its memory limit, the OOM killer) or a
+      failed `on_start`: what must survive those belongs on disk as it changes (`ctx.state_dir`).
     """
 
     name: ClassVar[str]
@@ -248,18 +262,25 @@ class Worker(Generic[ConfigT]):
     error_kinds: ClassVar[tuple[str, ...]] = ()
     # Its memory limit (MiB) unless its section sets `memory_limit_mb`; None: no limit.
     memory_limit_mb: ClassVar[int | None] = None
+    # A section that runs it with no outside service, for the test every discovered worker goes through (start, one
+    # real message, stop) and for trying it out; `example_message` is that message.
+    example_config: ClassVar[dict[str, Any]] = {}
     config: ConfigT
     site: Site = Site()  # set with `config`, before `subscriptions()`
 
     def subscriptions(self) -> list[Subscription]:
-        """The topic filters this worker receives; called after `config` is set, in the supervisor process."""
+        """The topic filters this worker receives (see the class docstring)."""
         return []
 
+    def example_message(self) -> tuple[str, bytes] | None:
+        """A message it handles (topic, payload) when `config` is `example_config`; None: it takes none."""
+        return None
+
     def on_start(self, ctx: Context) -> None:
-        """Called once in the worker process before the first message."""
+        """Called once in the worker process before the first message (see the class docstring)."""
 
     def on_message(self, ctx: Context, message: Message) -> None:
-        """Called for each message, one at a time."""
+        """Called for each message that no typed handler takes, one at a time."""
 
     def on_command(self, ctx: Context, command: Command) -> None:
         """Called for a press of one of this worker's buttons (`ctx.command_topic(name)`); `restart` is the
@@ -267,4 +288,5 @@ class Worker(Generic[ConfigT]):
         ctx.log.warning("ignored unknown command %r", command.name)
 
     def on_stop(self, ctx: Context) -> None:
-        """Called once when the worker is asked to stop."""
+        """Called once when the worker is asked to stop; not after a kill or a failed start (see the class
+        docstring)."""

@@ -205,6 +205,8 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
     mqtt = _resolve_mqtt(file.mqtt, file.supervisor.base_topic, environ, source)
     _check_values(file, mqtt, source)
     available = discover(file.supervisor.worker_packages)
+    for worker_class in available.values():
+        _check_reserved_keys(worker_class)
     workers = tuple(_worker_settings(name, section, available, source) for name, section in file.workers.items())
     workers = tuple(
         dataclasses.replace(w, environment={n: Secret(environ[n]) for n in w.secret_names if n in environ})
@@ -380,6 +382,20 @@ def _password(mqtt: MqttConfig, environ: dict[str, str], source: str) -> Secret 
                 source, "[mqtt] password_file", f"cannot read {mqtt.password_file}: {problem}"
             ) from None
     return None
+
+
+def _check_reserved_keys(worker_class: type[Worker]) -> None:  # type: ignore[type-arg]
+    """A worker's Config may not have a field named like a supervision key: in its section, the key would go to the
+    supervisor and the worker would never see it."""
+    clash = sorted(SUPERVISION_KEYS & set(worker_class.Config.__struct_fields__))
+    if clash:
+        where = f"{worker_class.__module__}.{worker_class.__qualname__}"
+        raise ConfigError(
+            where,
+            "Config",
+            f"field(s) {', '.join(clash)} have the names of the supervisor's keys of a [workers.<name>] section "
+            f"({', '.join(sorted(SUPERVISION_KEYS))}); rename them",
+        )
 
 
 def _worker_settings(

@@ -72,6 +72,12 @@ class Loop:
         heapq.heappush(self._timers, (when, next(self._sequence), handle))
         return handle
 
+    def next_due(self) -> float | None:
+        """When the next timer that is not cancelled is due, on the loop's clock; None when there is none."""
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        return self._timers[0][0] if self._timers else None
+
     def after_wakeup(self, callback: Callback) -> None:
         """Run `callback` at the end of every wake-up."""
         self._after_wakeup.append(callback)

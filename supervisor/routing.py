@@ -30,10 +30,13 @@ log = logging.getLogger("supervisor")
 def worker_subscriptions(settings: WorkerSettings, site: Site) -> list[Subscription]:
     """The subscriptions of the worker described by `settings`, validated, with its command topic (its buttons);
     raises ConfigError."""
-    worker = settings.worker_class()
-    worker.config = settings.config
-    worker.site = site
-    subscriptions = worker.subscriptions()
+    try:
+        worker = settings.worker_class()
+        worker.config = settings.config
+        worker.site = site
+        subscriptions = worker.subscriptions()
+    except Exception as exc:  # a worker's bug, found at start: said as what it is
+        raise ConfigError(f"worker {settings.name}", "subscriptions()", f"{type(exc).__name__}: {exc}") from None
     for subscription in subscriptions:
         try:
             Router().add(settings.name, [subscription.topic_filter])

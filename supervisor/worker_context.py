@@ -81,11 +81,13 @@ class _Threads:
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
         self._done: deque[tuple[Future[Any], Callable[[Future[Any]], None]]] = deque()  # appended by threads
+        self.busy = 0  # work submitted whose callback has not run yet
         self._loop = loop
         loop.add_reader(self._wake_read, self._deliver)
 
     def submit(self, work: Callable[[], T], then: Callable[[Future[T]], None]) -> None:
         future = self._pool.submit(work)
+        self.busy += 1
         future.add_done_callback(lambda f: self._finished(f, then))  # runs on the pool's thread
 
     def _finished(self, future: Future[Any], then: Callable[[Future[Any]], None]) -> None:
@@ -98,6 +100,7 @@ class _Threads:
             self._wake_read.recv(4096)
         while self._done:
             future, then = self._done.popleft()
+            self.busy -= 1
             then(future)
 
     def close(self) -> None:
@@ -258,6 +261,10 @@ class WorkerContext:
             raise ValueError(f"{where}: commands and local filters are made in subscriptions() only")
         self.handlers.add(subscription)
         self.outgoing.append(Subscribe(topic_filter=subscription.topic_filter, qos=subscription.qos))
+
+    def threads_busy(self) -> bool:
+        """Whether work given to `run_in_thread` has not come back yet."""
+        return self._threads is not None and self._threads.busy > 0
 
     def close(self) -> None:
         if self._threads is not None:

@@ -183,7 +183,7 @@ def test_unknown_worker_lists_the_workers_found(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,
         match=r"config.toml: \[workers.scrapper\]: no worker named 'scrapper'; "
-        r"workers found: broken_start, declarer, echo, relay, tally, ticker$",
+        r"workers found: broken_start, declarer, echo, relay, tally, ticker, typed$",
     ):
         load(tmp_path, "[workers.scrapper]\n")
 

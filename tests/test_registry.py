@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.config import load
 from supervisor.errors import ConfigError
 from supervisor.registry import discover
 
@@ -89,3 +90,15 @@ def test_two_workers_with_one_name_are_an_error(package: tuple[str, Path]) -> No
 def test_a_missing_worker_package_is_an_error() -> None:
     with pytest.raises(ConfigError, match=r"^supervisor.worker_packages: no_such_package_xyz: cannot import"):
         discover(["no_such_package_xyz"])
+
+
+def test_a_config_field_named_like_a_supervision_key_is_an_error_at_load(
+    package: tuple[str, Path], tmp_path: Path
+) -> None:
+    # In the worker's section, `restart` would be taken by the supervisor: the worker would never see its value.
+    name, directory = package
+    (directory / "clash.py").write_text(GOOD.format(name="clash").replace("greeting: str", "restart: str"))
+    path = tmp_path / "config.toml"
+    path.write_text(f'[supervisor]\nworker_packages = ["{name}"]\n')
+    with pytest.raises(ConfigError, match=r"Config: field\(s\) restart have the names of the supervisor's keys"):
+        load(path, {})

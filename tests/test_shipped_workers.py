@@ -7,12 +7,14 @@ import signal
 from typing import Any
 
 import ha_schema
+import msgspec
 import pytest
 from conftest import SupervisorFactory
 from support import MqttProbe, wait_until
 from test_worker_ha_responder import configs
 from test_worker_ha_responder import node as ha_node
 
+from contracts import Site
 from contracts.homeassistant import slug
 from supervisor.registry import discover
 
@@ -65,15 +67,26 @@ def test_the_four_workers_ship() -> None:
     assert SHIPPED == ["ai_analyzer", "batch_scheduler", "ha_responder", "scraper"]
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_every_shipped_worker_starts_handles_a_message_and_stops(
+@pytest.mark.parametrize("name", SHIPPED)  # every worker found in `workers/`, the ones a user adds too
+def test_every_discovered_worker_starts_handles_its_example_message_and_stops(
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, name: str
 ) -> None:
+    # Its own example section and message (`Worker.example_config`, `example_message`): no outside service.
+    worker_class = discover(["workers"])[name]
     mqtt.subscribe(f"{prefix}/#")
-    process = supervisors.start({name: minimal(name, prefix)}, **tables(prefix))
+    process = supervisors.start({name: dict(worker_class.example_config)}, **tables(prefix))
     base = supervisors.base
     mqtt.wait_for(f"{base}/worker/{name}/availability", lambda m: m.text == "online")
-    mqtt.publish(f"{base}/cmd/{name}/nothing_known", "PRESS")  # every worker takes its commands
+    worker = worker_class()
+    worker.config = msgspec.convert(worker_class.example_config, worker_class.Config)
+    ha = tables(prefix)["homeassistant"]
+    worker.site = Site(
+        base_topic=base, discovery_prefix=ha["discovery_prefix"], homeassistant_status_topic=ha["status_topic"]
+    )
+    example = worker.example_message()
+    if example is None:
+        pytest.skip(f"{name} takes no message")
+    mqtt.publish(*example, qos=1)
     status = latest_status(mqtt, base, lambda s: s["workers"][name]["handled"] >= 1, f"{name} to handle a message")
     assert status["workers"][name]["state"] == "running"
     assert not {"handler", "decode", "start"} & set(status["workers"][name]["errors"])

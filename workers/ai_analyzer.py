@@ -29,13 +29,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
 from contracts import Command, Context, Message, Subscription, Timer, Worker
 from contracts.ai import AiReply, AiRequest, request_topic
-from contracts.decoding import BoundedJson
 from contracts.homeassistant import Button, Sensor
 from workers._chat import ChatClient, Endpoint, ModelError, RateLimit
 
@@ -282,7 +281,6 @@ class _Sensors:
     published: dict[str, str] = field(default_factory=dict)
 
 
-_request_decoder: BoundedJson[AiRequest] = BoundedJson(AiRequest)
 _reply_encoder = msgspec.json.Encoder()
 
 
@@ -292,12 +290,18 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
 
     name = "ai_analyzer"
     title = "AI analyzer"
+    example_config: ClassVar[dict[str, Any]] = {"ai_enabled": False}  # the rules answer
     error_kinds = ("ai",)
     memory_limit_mb = 128  # resident MiB; a section's memory_limit_mb overrides it
     Config = AiAnalyzerConfig
 
     def subscriptions(self) -> list[Subscription]:
-        return [Subscription(request_topic(self.site.base_topic), qos=1)]
+        return [Subscription(request_topic(self.site.base_topic), qos=1, handler=self._request, type=AiRequest)]
+
+    def example_message(self) -> tuple[str, bytes]:
+        base = self.site.base_topic
+        request = AiRequest(id="example", task="shorten", items=["Riverside FC - Harbour City"], reply_to=f"{base}/x")
+        return request_topic(base), msgspec.json.encode(request)
 
     def on_start(self, ctx: Context) -> None:
         config = self.config
@@ -373,8 +377,7 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
             max_retry_wait_seconds=config.max_retry_wait_seconds,
         )
 
-    def on_message(self, ctx: Context, message: Message) -> None:
-        request = _request_decoder.decode(message.payload)  # undecodable: counted as `decode` by the runtime
+    def _request(self, ctx: Context, request: AiRequest, message: Message) -> None:
         if not request.reply_to or any(c in request.reply_to for c in "+#\0"):
             ctx.report_error(
                 "decode",

@@ -29,7 +29,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -144,7 +144,6 @@ def entity_of(topic: str) -> str:
 
 
 _any_decoder: BoundedJson[Any] = BoundedJson()
-_reply_decoder: BoundedJson[AiReply] = BoundedJson(AiReply)
 
 
 def state_of(payload: bytes) -> str | None:
@@ -222,12 +221,16 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
 
     name = "batch_scheduler"
     title = "Batch analysis"
+    example_config: ClassVar[dict[str, Any]] = {"record_topics": ["home/+/+/state"], "use_ai": False}
     error_kinds = ("analysis", "retention", "recording", "state")
     memory_limit_mb = 256  # resident MiB; a section's memory_limit_mb overrides it
     Config = BatchSchedulerConfig
 
     def subscriptions(self) -> list[Subscription]:
-        return [Subscription(topic, qos=1) for topic in self.config.record_topics]
+        return [Subscription(topic, qos=1, handler=self._record) for topic in self.config.record_topics]
+
+    def example_message(self) -> tuple[str, bytes]:
+        return "home/light/kitchen/state", b"on"
 
     def on_start(self, ctx: Context) -> None:
         config = self.config
@@ -245,7 +248,7 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
         }
         self._save_states(ctx)
         if config.use_ai:
-            ctx.subscribe(self.reply_topic, qos=1)
+            ctx.subscribe(Subscription(self.reply_topic, qos=1, handler=self._ai_reply, type=AiReply))
         ctx.declare(self._entities(ctx))
         self._report_last_run(ctx)
         for job in self.jobs.values():
@@ -257,16 +260,16 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
                 self._arm(ctx, job)
         self._publish_next_run(ctx)
 
-    def on_message(self, ctx: Context, message: Message) -> None:
-        if message.topic == self.reply_topic:
-            reply = _reply_decoder.decode(message.payload)
-            job = next((j for j in self.jobs.values() if j.waiting is not None and j.waiting.id == reply.id), None)
-            if job is None:
-                ctx.log.info("ignored an AI reply %r that no analysis waits for", reply.id)
-            else:
-                self._step(ctx, job, partial(self._phrased, ctx, job, reply))
-            return
-        state = state_of(message.payload)
+    def _ai_reply(self, ctx: Context, reply: AiReply, message: Message) -> None:
+        job = next((j for j in self.jobs.values() if j.waiting is not None and j.waiting.id == reply.id), None)
+        if job is None:
+            ctx.log.info("ignored an AI reply %r that no analysis waits for", reply.id)
+        else:
+            self._step(ctx, job, partial(self._phrased, ctx, job, reply))
+
+    def _record(self, ctx: Context, payload: bytes, message: Message) -> None:
+        """A state change of the home, on one of `record_topics`."""
+        state = state_of(payload)
         if state is None:
             return
         entity = entity_of(message.topic)

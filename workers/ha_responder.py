@@ -19,7 +19,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import msgspec
 
@@ -27,7 +27,7 @@ from contracts import Command, Context, Message, Subscription, Timer, Worker
 from contracts.decoding import BoundedJson
 from contracts.homeassistant import DiscoveryBundle, Sensor
 from contracts.state import write_atomically
-from contracts.topics import matches, publish_topic_problem
+from contracts.topics import publish_topic_problem
 
 _ABBREVIATIONS = {  # the discovery keys this worker reads, by their abbreviated names
     "stat_t": "state_topic",
@@ -132,6 +132,7 @@ class HaResponder(Worker[HaResponderConfig]):
 
     name = "ha_responder"
     title = "Home Assistant responder"
+    example_config: ClassVar[dict[str, Any]] = {"republish_delay_min_seconds": 0.0, "republish_delay_max_seconds": 0.1}
     error_kinds = ("devices",)
     memory_limit_mb = 128  # resident MiB; a section's memory_limit_mb overrides it
     Config = HaResponderConfig
@@ -148,24 +149,30 @@ class HaResponder(Worker[HaResponderConfig]):
         self._refused = 0  # devices not tracked: max_devices reached
         self._automations = Automations()
         self._automations_path = Path()
-        self._bundle_decoder = msgspec.msgpack.Decoder(DiscoveryBundle)
 
     def subscriptions(self) -> list[Subscription]:
         site, config = self.site, self.config
+        bundle = Subscription(  # from the supervisor only, never from the broker
+            site.entities_topic, local=True, handler=self._bundle_came, type=DiscoveryBundle, format="msgpack"
+        )
         subscriptions = [
-            Subscription(site.entities_topic, local=True),  # from the supervisor only, never from the broker
-            Subscription(site.homeassistant_status_topic, qos=1),
-            Subscription(f"{self._topic('request')}/+", qos=1, commands=True),
-            Subscription(config.feedback_topic, qos=1),
+            bundle,
+            Subscription(site.homeassistant_status_topic, qos=1, handler=self._home_assistant_announced),
+            Subscription(f"{self._topic('request')}/+", qos=1, commands=True, handler=self._request),
+            Subscription(config.feedback_topic, qos=1, handler=self._feedback),
         ]
         if config.track_devices:
             subscriptions += [
-                Subscription(f"{site.discovery_prefix}/+/+/config"),
-                Subscription(f"{site.discovery_prefix}/+/+/+/config"),
-                Subscription(f"{config.devices_prefix}/+/+/state"),
-                Subscription(f"{config.devices_prefix}/+/+/availability"),
+                Subscription(f"{site.discovery_prefix}/+/+/config", handler=self._discovered),
+                Subscription(f"{site.discovery_prefix}/+/+/+/config", handler=self._discovered),
+                Subscription(f"{config.devices_prefix}/+/+/state", handler=self._device_message),
+                Subscription(f"{config.devices_prefix}/+/+/availability", handler=self._device_message),
             ]
         return subscriptions
+
+    def example_message(self) -> tuple[str, bytes]:
+        light = {"name": "Kitchen", "stat_t": "home/light/kitchen/state", "uniq_id": "kitchen"}
+        return f"{self.site.discovery_prefix}/light/zb/kitchen/config", json.dumps(light).encode()
 
     def _topic(self, *levels: str) -> str:
         return "/".join((self.site.base_topic, self.name, *levels))
@@ -207,26 +214,14 @@ class HaResponder(Worker[HaResponderConfig]):
         self._publish_devices(ctx)
         self._publish_automations(ctx)
 
-    def on_message(self, ctx: Context, message: Message) -> None:
-        topic, site = message.topic, self.site
-        if topic == site.entities_topic:
-            self._bundle = self._bundle_decoder.decode(message.payload)
-            self._publish_discovery(ctx, force=self._bundle.republish)
-        elif topic == site.homeassistant_status_topic:
-            self._home_assistant_announced(ctx, message.payload)
-        elif topic.startswith(f"{self._topic('request')}/"):
-            self._request(ctx, topic.rsplit("/", 1)[1], message)
-        elif matches(self.config.feedback_topic, topic):
-            self._feedback(ctx, message)
-        elif topic.startswith(f"{site.discovery_prefix}/") and topic.endswith("/config"):
-            self._discovered(ctx, topic, message.payload)
-        else:
-            self._device_message(ctx, topic, message.payload)
-
     def on_command(self, ctx: Context, command: Command) -> None:
         ctx.log.warning("ignored unknown command %r", command.name)
 
     # Discovery ------------------------------------------------------------------------------------------------------
+
+    def _bundle_came(self, ctx: Context, bundle: DiscoveryBundle, message: Message) -> None:
+        self._bundle = bundle
+        self._publish_discovery(ctx, force=bundle.republish)
 
     def _publish_discovery(self, ctx: Context, force: bool) -> None:
         """Publish every declared config whose hash changed (all of them when `force`), and an empty config for
@@ -255,7 +250,7 @@ class HaResponder(Worker[HaResponderConfig]):
         if changed:
             _save_cache(self._cache_path, self._published)
 
-    def _home_assistant_announced(self, ctx: Context, payload: bytes) -> None:
+    def _home_assistant_announced(self, ctx: Context, payload: bytes, message: Message) -> None:
         """Home Assistant (re)started: after a random delay (so that a house full of devices does not answer all at
         once), discovery again, then the supervisor's status and availability."""
         if payload.strip().lower() != b"online":
@@ -273,8 +268,8 @@ class HaResponder(Worker[HaResponderConfig]):
 
     # Devices on the bus -----------------------------------------------------------------------------------------------
 
-    def _discovered(self, ctx: Context, topic: str, payload: bytes) -> None:
-        levels = topic[len(self.site.discovery_prefix) + 1 :].split("/")[:-1]  # component, [node,] object
+    def _discovered(self, ctx: Context, payload: bytes, message: Message) -> None:
+        levels = message.topic[len(self.site.discovery_prefix) + 1 :].split("/")[:-1]  # component, [node,] object
         if len(levels) == 3 and levels[1] == self.site.node_id:
             return  # one of ours (under MQTT 3.1.1 the broker sends our own publications back)
         device_id = "/".join(levels)
@@ -292,7 +287,8 @@ class HaResponder(Worker[HaResponderConfig]):
         device = TrackedDevice.from_discovery(device_id, levels[0], config)
         self._track(ctx, device)
 
-    def _device_message(self, ctx: Context, topic: str, payload: bytes) -> None:
+    def _device_message(self, ctx: Context, payload: bytes, message: Message) -> None:
+        topic = message.topic
         prefix = f"{self.config.devices_prefix}/"
         levels = topic[len(prefix) :].split("/")  # <type>/<id>/<state|availability>
         if topic.startswith(prefix) and len(levels) == 3 and levels[2] in ("state", "availability"):
@@ -350,7 +346,7 @@ class HaResponder(Worker[HaResponderConfig]):
             index.setdefault(topic, set()).add(device.id)
             if device.source == "discovery" and topic not in self._subscribed:
                 self._subscribed.add(topic)
-                ctx.subscribe(topic)
+                ctx.subscribe(Subscription(topic, handler=self._device_message))
         if known is None:
             self._publish_devices(ctx)
 
@@ -366,9 +362,10 @@ class HaResponder(Worker[HaResponderConfig]):
 
     # Requests -------------------------------------------------------------------------------------------------------
 
-    def _request(self, ctx: Context, action: str, message: Message) -> None:
+    def _request(self, ctx: Context, payload: bytes, message: Message) -> None:
+        action = message.topic.rsplit("/", 1)[1]
         try:
-            answer = {"ok": True, **self._carry_out(ctx, action, message.payload)}
+            answer = {"ok": True, **self._carry_out(ctx, action, payload)}
         except LookupError as exc:
             answer = {"ok": False, "error": str(exc.args[0])}
         topic = message.response_topic or self._topic("response", action)
@@ -397,8 +394,8 @@ class HaResponder(Worker[HaResponderConfig]):
 
     # Automation feedback --------------------------------------------------------------------------------------------
 
-    def _feedback(self, ctx: Context, message: Message) -> None:
-        body = _any_decoder.decode(message.payload) if message.payload.strip() else {}
+    def _feedback(self, ctx: Context, payload: bytes, message: Message) -> None:
+        body = _any_decoder.decode(payload) if payload.strip() else {}
         if not isinstance(body, dict):
             raise msgspec.ValidationError(f"expected a JSON object, got {type(body).__name__}")
         automation = str(body.get("automation_id") or body.get("automation") or message.topic.rsplit("/", 1)[1])[:200]

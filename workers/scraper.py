@@ -28,14 +28,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-from contracts import Command, Context, Message, Timer, Trigger, Worker
+from contracts import Command, Context, Message, Subscription, Timer, Trigger, Worker
 from contracts.ai import AiReply, AiRequest, request_topic
-from contracts.decoding import BoundedJson
 from contracts.homeassistant import Button, Entity, Sensor
 from contracts.state import write_atomically
 from workers._scraping import Http, Item, Outcome, Source, Validators, scrape
@@ -143,7 +142,6 @@ class Topics(msgspec.Struct, frozen=True, kw_only=True):
 
 _encoder = msgspec.json.Encoder()
 _state_decoder = msgspec.json.Decoder(SavedState)
-_reply_decoder: BoundedJson[AiReply] = BoundedJson(AiReply)
 
 
 # The worker --------------------------------------------------------------------------------------------------------
@@ -154,9 +152,25 @@ class Scraper(Worker[ScraperConfig]):
 
     name = "scraper"
     title = "Web scraper"
+    example_config: ClassVar[dict[str, Any]] = {
+        "short_names": False,
+        "sources": [
+            {
+                "name": "example",
+                "url": "file:deploy/examples/events.html",
+                "container": "main#events",
+                "items": "li.event",
+                "date_format": "%d.%m",
+                "fields": {"title": "h3", "date": "time.date", "time": "span.time"},
+            }
+        ],
+    }
     error_kinds = ("scrape",)
     memory_limit_mb = 128  # resident MiB; a section's memory_limit_mb overrides it
     Config = ScraperConfig
+
+    def example_message(self) -> tuple[str, bytes]:
+        return self.site.command_topic(self.name, "refresh"), b"PRESS"
 
     def on_start(self, ctx: Context) -> None:
         self.zone = ZoneInfo(self.config.timezone)
@@ -170,13 +184,13 @@ class Scraper(Worker[ScraperConfig]):
         self.asked: dict[str, AskedTitles] = {}  # AI requests not answered yet, by id
         ctx.declare(entities(self.topics, ctx.command_topic("refresh")))
         if self.config.short_names:
-            ctx.subscribe(self.topics.ai_reply, qos=1)
+            reply = Subscription(self.topics.ai_reply, qos=1, handler=self.short_titles_came, type=AiReply)
+            ctx.subscribe(reply)
         ctx.report_status(interval_seconds=self.config.interval_seconds)
         self.run(ctx, "startup")
 
-    def on_message(self, ctx: Context, message: Message) -> None:
-        if message.topic == self.topics.ai_reply:
-            self.merge_short_titles(ctx, _reply_decoder.decode(message.payload))
+    def short_titles_came(self, ctx: Context, reply: AiReply, message: Message) -> None:
+        self.merge_short_titles(ctx, reply)
 
     def on_command(self, ctx: Context, command: Command) -> None:
         match command.name:
