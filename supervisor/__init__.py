@@ -1,23 +1,38 @@
 """mqtt-home-supervisor: one MQTT connection, many isolated worker processes.
 
-The map (imports only point down the list; `contracts` is shared with the workers):
+The map. Each module imports only modules listed below it (a test checks it); `contracts` is shared with the
+workers and imports nothing of this package. The modules named `worker_*` run inside a worker's own process;
+`testing` runs them in a test's.
 
-    cli          the command line: parse arguments, load config, run, exit codes
-    core         the Supervisor: one selector loop wiring everything below together
-    mqtt         the MQTT link: the only module that imports paho
-    router       which workers a topic goes to (MQTT wildcard matching)
-    publishing   what workers publish, to local subscribers and the broker, durably for QoS >= 1
-    delivery     which messages are still owed to someone; acknowledgements in arrival order
-    outbox       QoS >= 1 publications on disk (SQLite) until everyone they were for has them
-    slot         one worker across its restarts: state, queue, messages in hand
-    processes    worker processes: start, pipe, stop, kill, exit status
-    supervision  restart policy: backoff, intensity, when a worker has failed
-    runtime      the worker side of the pipe: the loop inside each worker process
-    channel      length-framed msgspec envelopes over a pipe
-    loop         the selector loop and its timers
-    config       the TOML file, environment overrides and secrets
-    registry     finding worker classes in the worker packages
-    errors       the exception types
+    cli             the command line: parse arguments, load config, run, exit codes
+    testing         a harness for testing a worker's hooks in one process
+    core            the Supervisor: the wiring of the parts below and the order of a wake-up
+    pool            the worker pool: every worker's slot and the life of its processes
+    ha_entities     Home Assistant: the supervisor's own entities, and the bundle of all declared ones
+    systemd         sd_notify: ready, watchdog, stopping
+    metrics         Prometheus /metrics, /healthz and the status page, served on one port
+    statuspage      the status page and /healthz, from the status document
+    routing         each message from the broker to the workers (and the control API) it is for
+    status          the retained status document and each worker's availability
+    slot            one worker across its restarts: its state machine, queue, messages in hand
+    supervision     restart policy: backoff, intensity, when a worker has failed
+    control         the control API: <base>/request/<action> and restart presses
+    dedupe          publication ids a worker handled, to drop the copies
+    publishing      what workers publish, to local subscribers and the broker, durably for QoS >= 1
+    router          which workers a topic goes to (MQTT wildcard matching, subscription ids)
+    mqtt            the MQTT link: connect, reconnect, will and birth, publish, subscribe; the only paho user
+    outbox          QoS >= 1 publications on disk (SQLite) until everyone they were for has them
+    delivery        which messages are still owed to someone; acknowledgements in arrival order
+    processes       worker processes seen from the supervisor: start, pipe, stop, kill, exit status
+    worker_process  inside a worker's process: its start (descriptors, secrets, limits, name) and its end
+    worker_loop     inside a worker's process: the loop, and how one message is handled
+    worker_context  inside a worker's process: the Context a worker is given, its timers and threads
+    loop            the selector loop and its timers
+    config          the TOML file, environment overrides and secrets
+    registry        finding worker classes in the worker packages (worker discovery)
+    secrets         secret values: kept out of logs and out of the environment workers inherit
+    channel         length-framed msgspec envelopes over a pipe
+    errors          the exception types
 """
 
 __version__ = "0.1.0"

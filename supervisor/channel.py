@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from contracts.envelopes import Envelope
+from supervisor.errors import ChannelClosed
 
 _HEADER = struct.Struct("<I")
 # `recv(n)` allocates n bytes before it reads; above glibc's mmap threshold (128 KiB) that is an mmap and a munmap on
@@ -23,10 +24,6 @@ _READ_SIZE = 64 * 1024
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 R = TypeVar("R")
-
-
-class ChannelClosed(Exception):
-    """Raised when the other end of the channel cannot be written to, or sent a frame this end cannot read."""
 
 
 class Channel(Generic[R]):

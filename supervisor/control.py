@@ -19,16 +19,13 @@ import msgspec
 
 from contracts import Message, Site
 from contracts.decoding import BoundedJson
+from supervisor.errors import ControlError
 
 log = logging.getLogger("supervisor")
 
 _request_decoder: BoundedJson[Any] = BoundedJson(max_bytes=64 * 1024)  # a request is a few dozen bytes
 
 NAME = "supervisor"  # the router's name for the supervisor's own subscriptions; no worker may take it
-
-
-class ControlError(Exception):
-    """Raised when a control request cannot be carried out; its message is the reply's `error`."""
 
 
 class Workers(Protocol):

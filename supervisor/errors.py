@@ -54,3 +54,11 @@ class OutboxInUseError(StartupError):
 class StateBrokenError(SupervisorError):
     """Raised when the supervisor can no longer keep its promises (its outbox cannot be written): the loop stops and
     the supervisor exits with status 1, so the service manager starts it afresh."""
+
+
+class ChannelClosed(SupervisorError):
+    """Raised when the other end of a worker's channel cannot be written to, or sent a frame this end cannot read."""
+
+
+class ControlError(SupervisorError):
+    """Raised when a control request cannot be carried out; its message is the reply's `error`."""

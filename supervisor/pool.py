@@ -37,9 +37,8 @@ from contracts import (
 )
 from contracts.homeassistant import DeclaredEntity
 from supervisor import control
-from supervisor.channel import ChannelClosed
 from supervisor.config import Settings
-from supervisor.control import ControlError
+from supervisor.errors import ChannelClosed, ControlError
 from supervisor.ha_entities import last_crash_topic
 from supervisor.loop import Loop
 from supervisor.processes import ExitStatus, WorkerProcess, shared_word

@@ -24,6 +24,7 @@ from contracts import Outbound, Site, Stop
 from supervisor import worker_process
 from supervisor.channel import Channel
 from supervisor.config import WorkerSettings
+from supervisor.worker_loop import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class WorkerProcess:
                 "and forking a threaded process can leave the child with locks nobody will release"
             )
         cls = settings.worker_class
-        spec = worker_process.WorkerSpec(
+        spec = WorkerSpec(
             name=settings.name,
             title=settings.title,
             module=cls.__module__,

@@ -21,7 +21,7 @@ import os
 import select
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 
@@ -32,6 +32,7 @@ from contracts import (
     Heartbeat,
     Inbound,
     Message,
+    Site,
     Started,
     StartFailed,
     Stop,
@@ -41,12 +42,28 @@ from supervisor.channel import Channel
 from supervisor.loop import Loop
 from supervisor.worker_context import WorkerContext
 
-if TYPE_CHECKING:
-    from supervisor.worker_process import WorkerSpec
-
 # What a handler raises when a payload is not what it expects: counted as `decode` errors, not handler failures.
 _UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, json.JSONDecodeError, UnicodeDecodeError)
 _FLUSH_AFTER_SECONDS = 0.002
+
+
+class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What a new worker process needs to build its worker; pickled to the process at start."""
+
+    name: str
+    title: str  # how a person reads its name (`WorkerSettings.title`)
+    module: str
+    qualname: str
+    config: bytes  # the worker's Config Struct, msgpack-encoded
+    state_dir: str
+    log_level: str
+    heartbeat_seconds: float
+    site: Site = Site()
+    release_fds: list[int] = msgspec.field(default_factory=list)  # the supervisor's, inherited through fork
+    environment: dict[str, str] = msgspec.field(default_factory=dict)  # the secrets its section names
+    memory_limit_mb: int | None = None
+    cpu_nice: int | None = None
+    max_open_files: int | None = None
 
 
 class Handling:

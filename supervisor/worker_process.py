@@ -28,32 +28,14 @@ from typing import Any
 
 import msgspec
 
-from contracts import Inbound, LimitReached, Site
+from contracts import Inbound, LimitReached
 from supervisor import secrets
-from supervisor.channel import Channel, ChannelClosed
-from supervisor.worker_loop import WorkerLoop
+from supervisor.channel import Channel
+from supervisor.errors import ChannelClosed
+from supervisor.worker_loop import WorkerLoop, WorkerSpec
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
-
-
-class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """What a new worker process needs to build its worker; pickled to the process at start."""
-
-    name: str
-    title: str  # how a person reads its name (`WorkerSettings.title`)
-    module: str
-    qualname: str
-    config: bytes  # the worker's Config Struct, msgpack-encoded
-    state_dir: str
-    log_level: str
-    heartbeat_seconds: float
-    site: Site = Site()
-    release_fds: list[int] = msgspec.field(default_factory=list)  # the supervisor's, inherited through fork
-    environment: dict[str, str] = msgspec.field(default_factory=dict)  # the secrets its section names
-    memory_limit_mb: int | None = None
-    cpu_nice: int | None = None
-    max_open_files: int | None = None
 
 
 def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:

@@ -18,6 +18,8 @@ def imported_modules(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            if node.module == "supervisor":  # `from supervisor import control` imports the module supervisor.control
+                names.update(f"supervisor.{alias.name}" for alias in node.names if not alias.name.startswith("_"))
     return names
 
 
@@ -46,3 +48,16 @@ def test_only_the_mqtt_module_imports_paho() -> None:
         if "paho" in top_level(imported_modules(p))
     )
     assert users == ["supervisor/mqtt.py"]
+
+
+def test_the_module_map_lists_every_module_and_imports_point_down_it() -> None:
+    import supervisor
+
+    doc = supervisor.__doc__ or ""
+    listed = [line.split()[0] for line in doc.splitlines() if line.startswith("    ") and line.split()]
+    modules = sorted(p.stem for p in (ROOT / "supervisor").glob("*.py") if not p.stem.startswith("__"))
+    assert sorted(listed) == modules
+    for position, module in enumerate(listed):
+        imported = imported_modules(ROOT / "supervisor" / f"{module}.py")
+        ours = {n.split(".")[1] for n in imported if n.startswith("supervisor.")}
+        assert ours <= set(listed[position + 1 :]), f"{module} imports {sorted(ours - set(listed[position + 1 :]))}"

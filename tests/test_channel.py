@@ -8,7 +8,8 @@ import socket
 import pytest
 
 from contracts import Handled, Inbound, Message, Outbound, Publish, Stop
-from supervisor.channel import Channel, ChannelClosed
+from supervisor.channel import Channel
+from supervisor.errors import ChannelClosed
 
 
 def pair() -> tuple[Channel[Outbound], Channel[Inbound]]:
