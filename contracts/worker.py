@@ -94,6 +94,28 @@ class Site(msgspec.Struct, frozen=True, kw_only=True):
         """What Home Assistant says published an entity."""
         return Origin(name="mqtt-home-supervisor", sw_version=self.sw_version, support_url=self.support_url)
 
+    @property
+    def status_topic(self) -> str:
+        """The supervisor's status document (retained JSON, `contracts.status.Status`)."""
+        return f"{self.base_topic}/status"
+
+    @property
+    def dead_letter_topic(self) -> str:
+        """Where a message that kept killing its worker is published, with why."""
+        return f"{self.base_topic}/dead_letter"
+
+    def response_topic(self, action: str) -> str:
+        """Where the control API answers a request that named no MQTT 5 response topic."""
+        return f"{self.base_topic}/response/{action}"
+
+    def last_crash_topic(self, worker: str) -> str:
+        """When and how `worker` last crashed (retained JSON `{"time", "exit"}`)."""
+        return f"{self.base_topic}/worker/{worker}/last_crash"
+
+    def worker_own_topic(self, worker: str, *levels: str) -> str:
+        """A topic of worker `worker`'s own: `<base>/<worker>/<levels...>` (its sensors, its replies)."""
+        return "/".join((self.base_topic, worker, *levels))
+
     def worker_availability_topic(self, worker: str) -> str:
         """`online`/`offline` (retained) as worker `worker` runs and stops."""
         return f"{self.base_topic}/worker/{worker}/availability"

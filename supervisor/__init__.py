@@ -27,6 +27,7 @@ workers and imports nothing of this package. The modules named `worker_*` run in
     worker_process  inside a worker's process: its start (descriptors, secrets, limits, name) and its end
     worker_loop     inside a worker's process: the loop, and how one message is handled
     worker_context  inside a worker's process: the Context a worker is given, its timers and threads
+    signals         signals as events of the loop
     loop            the selector loop and its timers
     config          the TOML file, environment overrides and secrets
     registry        finding worker classes in the worker packages (worker discovery)

@@ -85,7 +85,7 @@ class ControlAPI:
         except ControlError as exc:
             answer = {"ok": False, "error": str(exc)}
         log.info("control request %s: %s", action, "ok" if answer["ok"] else answer["error"])
-        topic = message.response_topic or f"{self.site.base_topic}/response/{action}"
+        topic = message.response_topic or self.site.response_topic(action)
         self.reply(topic, json.dumps(answer).encode(), message.correlation_data)
 
     def _carry_out(self, action: str, payload: bytes) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any
 from contracts import Message, Site
 from contracts.homeassistant import DeclaredEntity
 from contracts.status import WorkerState
-from supervisor import __version__, control
+from supervisor import __version__, control, signals
 from supervisor.config import Settings
 from supervisor.control import ControlAPI
 from supervisor.dedupe import Deduplicator, Window
@@ -107,13 +107,13 @@ class Supervisor:
         self.link = MqttLink(settings.mqtt, settings.password, self.loop, self)
         router, ids = Router(), itertools.count(1)
         self.deliveries = Deliveries(self.link.ack, self._forget_publication)
-        self.publisher = Publisher(settings, router, self.link, self.deliveries, self._offer, ids)
+        self.publisher = Publisher(settings, self.site, router, self.link, self.deliveries, self._offer, ids)
         self.pool = WorkerPool(settings, self.site, self.loop, self.publisher, self)
         self.status = StatusReporter(
             self.loop,
             self.link,
             self.pool.slots,
-            settings.supervisor.base_topic,
+            self.site,
             self.version,
             lambda: self.publisher.backlog,
             settings.supervisor.status_interval_seconds,
@@ -128,7 +128,6 @@ class Supervisor:
         self.metrics: MetricsServer | None = None
         self.notifier = Notifier()  # reads systemd's variables now, before any worker can inherit them
         self._ready = False
-        self._wakeup: tuple[socket.socket, ...] = ()
 
     # Running ------------------------------------------------------------------------------------------------------
 
@@ -142,7 +141,8 @@ class Supervisor:
     def run(self) -> int:
         """Start everything, run until stopped, and return the process exit code. Raises StartupError (nothing left
         running) when the host cannot give what start-up needs."""
-        wakeup = self._wakeup = self._install_signal_handlers()
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        wakeup = signals.install(self.loop, dict.fromkeys(handled, self._signalled))
         try:
             self._open()
             slots = self.pool.slots.values()
@@ -167,9 +167,7 @@ class Supervisor:
             self._close()
         finally:
             self.pool.kill_all()  # only after a fatal error are any left
-            signal.set_wakeup_fd(-1)
-            for sock in wakeup:
-                sock.close()
+            signals.uninstall(wakeup)
         log.info("supervisor stopped (exit code %d)", self.exit_code)
         return self.exit_code
 
@@ -219,24 +217,12 @@ class Supervisor:
         if self.metrics is not None:
             self.metrics.close()
 
-    def _install_signal_handlers(self) -> tuple[socket.socket, socket.socket]:
-        receive, send = socket.socketpair()
-        send.setblocking(False)
-        receive.setblocking(False)
-        signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, lambda *_: None)  # the wake-up fd carries the signal number to the loop
-
-        def signalled() -> None:
-            for signum in receive.recv(64):
-                if signum in (signal.SIGTERM, signal.SIGINT):
-                    log.info("received %s", signal.Signals(signum).name)
-                    self.shutdown()
-                elif signum == signal.SIGHUP:  # its default action would end the supervisor without a word
-                    log.warning("received SIGHUP: reloading the config is not supported yet; running on unchanged")
-
-        self.loop.add_reader(receive, signalled)
-        return receive, send
+    def _signalled(self, signum: signal.Signals) -> None:
+        if signum == signal.SIGHUP:  # its default action would end the supervisor without a word
+            log.warning("received SIGHUP: reloading the config is not supported yet; running on unchanged")
+            return
+        log.info("received %s", signum.name)
+        self.shutdown()
 
     def shutdown(self, exit_code: int = 0) -> None:
         """Stop routing and stop every worker (see `WorkerPool.stop`; a second call kills them at once)."""

@@ -69,14 +69,9 @@ def node_id(client_id: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_-]", "_", client_id)
 
 
-def last_crash_topic(site: Site, worker: str) -> str:
-    """Where the supervisor publishes (retained) the time and cause of `worker`'s last crash."""
-    return f"{site.base_topic}/worker/{worker}/last_crash"
-
-
 def supervisor_entities(site: Site, workers: Mapping[str, str | None]) -> list[DeclaredEntity]:
     """Every entity of the supervisor itself; `workers` maps each worker's name to its title (None: from the name)."""
-    node, status = site.node_id, f"{site.base_topic}/status"
+    node, status = site.node_id, site.status_topic
     own: list[Entity] = [
         Sensor(
             object_id=f"{node}_status",
@@ -101,8 +96,8 @@ def supervisor_entities(site: Site, workers: Mapping[str, str | None]) -> list[D
 
 def _about_worker(site: Site, worker: str, worker_title: str | None) -> list[Entity]:
     """The supervisor's entities on `worker`'s device: Running, Errors, Restarts, Last crash and Restart."""
-    node, status, of_worker = site.node_id, f"{site.base_topic}/status", f"value_json.workers['{worker}']"
-    crash = last_crash_topic(site, worker)
+    node, status, of_worker = site.node_id, site.status_topic, f"value_json.workers['{worker}']"
+    crash = site.last_crash_topic(worker)
     common: dict[str, Any] = {
         "device": site.worker_device(worker, worker_title),
         "origin": site.origin(),

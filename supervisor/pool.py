@@ -39,7 +39,6 @@ from contracts.homeassistant import DeclaredEntity
 from supervisor import control
 from supervisor.config import Settings
 from supervisor.errors import ChannelClosed, ControlError
-from supervisor.ha_entities import last_crash_topic
 from supervisor.loop import Loop
 from supervisor.processes import ExitStatus, WorkerProcess, shared_word
 from supervisor.publishing import Publisher
@@ -210,7 +209,7 @@ class WorkerPool:
     def _publish_crash(self, slot: WorkerSlot) -> None:
         """Publish (retained, for Home Assistant's "Last crash") the crash that just ended `slot`'s process."""
         payload = msgspec.json.encode({"time": slot.last_crash_time, "exit": slot.last_crash})
-        crash = Publish(topic=last_crash_topic(self.site, slot.name), payload=payload, qos=1, retain=True)
+        crash = Publish(topic=self.site.last_crash_topic(slot.name), payload=payload, qos=1, retain=True)
         self.publisher.publish(control.NAME, crash)
 
     def _exit_reason(self, slot: WorkerSlot, process: WorkerProcess, status: ExitStatus) -> RestartReason:

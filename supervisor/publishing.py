@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
-from contracts import Message, Publish
+from contracts import Message, Publish, Site
 from contracts.topics import publish_topic_problem
 from supervisor.config import Settings
 from supervisor.delivery import Deliveries
@@ -33,6 +33,7 @@ class Publisher:
     def __init__(
         self,
         settings: Settings,
+        site: Site,
         router: Router,
         link: MqttLink,
         deliveries: Deliveries,
@@ -40,6 +41,7 @@ class Publisher:
         ids: Iterator[int],
     ) -> None:
         self.settings = settings
+        self.site = site
         self.router = router
         self.link = link
         self.deliveries = deliveries
@@ -117,7 +119,7 @@ class Publisher:
             "last_exit": last_exit,
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        topic = f"{self.settings.supervisor.base_topic}/dead_letter"
+        topic = self.site.dead_letter_topic
         self._publish_durably("supervisor", Publish(topic=topic, payload=json.dumps(record).encode(), qos=1))
 
     def confirmed(self, mid: int, failure: str | None) -> None:

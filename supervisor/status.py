@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from contracts import Site
 from contracts.status import MqttStatus, Status, WorkerState, WorkerStatus
 from supervisor.loop import Loop
 from supervisor.slot import WorkerSlot
@@ -39,7 +40,7 @@ class StatusReporter:
         loop: Loop,
         link: Link,
         slots: Mapping[str, WorkerSlot],
-        base_topic: str,
+        site: Site,
         version: str,
         outbox_backlog: Callable[[], int],
         interval: float,
@@ -47,7 +48,7 @@ class StatusReporter:
         self.loop = loop
         self.link = link
         self.slots = slots
-        self.base = base_topic
+        self.site = site
         self.version = version
         self.outbox_backlog = outbox_backlog
         self.interval = interval
@@ -62,7 +63,7 @@ class StatusReporter:
         self.loop.call_later(_CHECK_SECONDS, self._tick)
 
     def availability_topic(self, worker: str) -> str:
-        return f"{self.base}/worker/{worker}/availability"
+        return self.site.worker_availability_topic(worker)
 
     def check_availability(self) -> None:
         """Publish the availability of every worker whose running state changed."""
@@ -95,7 +96,7 @@ class StatusReporter:
             self.link.publish(self.availability_topic(name), b"offline", qos=1, retain=True)
         if self.link.connected:
             final = self.snapshot(stopped=True)
-            self.link.publish(f"{self.base}/status", self._encoder.encode(final), qos=1, retain=True)
+            self.link.publish(self.site.status_topic, self._encoder.encode(final), qos=1, retain=True)
 
     def snapshot(self, stopped: bool = False) -> Status:
         """The status document now; `stopped`: the last one of a clean stop."""
@@ -153,7 +154,7 @@ class StatusReporter:
         if not (force or changed or now - self._last_sent >= self.interval):
             return
         self._last, self._last_sent = status, now
-        self.link.publish(f"{self.base}/status", self._encoder.encode(status), qos=1, retain=True)
+        self.link.publish(self.site.status_topic, self._encoder.encode(status), qos=1, retain=True)
 
 
 def _stable(status: Status) -> Status:

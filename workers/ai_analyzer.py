@@ -535,7 +535,7 @@ class AiAnalyzer(Worker[AiAnalyzerConfig]):
     # Home Assistant -------------------------------------------------------------------------------------------------
 
     def _sensor_topic(self, ctx: Context, sensor: str) -> str:
-        return f"{self.base_topic}/{ctx.name}/{sensor}"
+        return ctx.site.worker_own_topic(ctx.name, sensor)
 
     def _entities(self, ctx: Context) -> list[Sensor | Button]:
         def sensor(object_id: str, name: str, **keys: Any) -> Sensor:

@@ -235,7 +235,7 @@ class BatchScheduler(Worker[BatchSchedulerConfig]):
     def on_start(self, ctx: Context) -> None:
         config = self.config
         self.zone = zone_named(config.time_zone)
-        self.topic = f"{ctx.site.base_topic}/{ctx.name}"
+        self.topic = ctx.site.worker_own_topic(ctx.name)
         self.reply_topic = f"{self.topic}/ai_reply"
         self.recorder = Recorder(ctx.state_dir / "history.sqlite3")
         self.state_path = ctx.state_dir / "jobs.json"

@@ -175,7 +175,7 @@ class HaResponder(Worker[HaResponderConfig]):
         return f"{self.site.discovery_prefix}/light/zb/kitchen/config", json.dumps(light).encode()
 
     def _topic(self, *levels: str) -> str:
-        return "/".join((self.site.base_topic, self.name, *levels))
+        return self.site.worker_own_topic(self.name, *levels)
 
     # Lifecycle ------------------------------------------------------------------------------------------------------
 

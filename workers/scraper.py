@@ -129,14 +129,14 @@ class Topics(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def of(cls, ctx: Context, config: ScraperConfig) -> Topics:
-        base = ctx.site.base_topic
-        events = config.topic or f"{base}/{ctx.name}/events"
+        site = ctx.site
+        events = config.topic or site.worker_own_topic(ctx.name, "events")
         return cls(
             events=events,
             next=f"{events}/next",
             last_run=f"{events}/last_run",
-            ai_reply=f"{base}/{ctx.name}/ai_reply",
-            ai_request=request_topic(base),
+            ai_reply=site.worker_own_topic(ctx.name, "ai_reply"),
+            ai_request=request_topic(site.base_topic),
         )
 
 
