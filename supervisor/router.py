@@ -3,11 +3,11 @@
 Filters follow MQTT (`contracts.topics` holds the matching itself). Results are cached per topic; the cache is
 bounded.
 
-A broker sends one copy of a message for every subscription of ours it matches. Each filter therefore has a number
-(sent as the MQTT 5 subscription identifier), and each route names the one filter through which its worker takes a
-topic: a copy goes to a worker only when it carries that filter's number. Numbers are only needed (and only sent)
-when two filters overlap. Under MQTT 3.1.1 there are no identifiers, so `broker_filters` leaves out filters that
-another filter covers.
+A broker sends one copy of a message for every subscription of ours it matches. Each filter therefore has a
+subscription id (sent as the MQTT 5 Subscription Identifier), and each route names the one filter through which its
+worker takes a topic: a copy goes to a worker only when it carries that filter's subscription id. Ids are only
+needed (and only sent) when two filters overlap. Under MQTT 3.1.1 there are no ids, so `broker_filters` leaves out
+filters that another filter covers.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ _CACHE_LIMIT = 4096
 
 
 class Router:
-    """Maps topics to the workers subscribed to them, and numbers the filters for the broker."""
+    """Maps topics to the workers subscribed to them, and gives each filter a subscription id for the broker."""
 
     def __init__(self) -> None:
         self._routes: list[tuple[list[str], str, int]] = []
-        self._filters: dict[str, tuple[int, int]] = {}  # filter -> (number, highest qos)
+        self._filters: dict[str, tuple[int, int]] = {}  # filter -> (sub_id, highest qos)
         self._cache: dict[str, tuple[tuple[str, int], ...]] = {}
-        self._commands: set[tuple[str, int]] = set()  # (worker, filter number) whose messages are commands
-        self._local: set[tuple[str, int]] = set()  # (worker, filter number) that takes local messages only
+        self._commands: set[tuple[str, int]] = set()  # (worker, filter's subscription id) whose messages are commands
+        self._local: set[tuple[str, int]] = set()  # (worker, filter's subscription id) that takes local messages only
         self._broker: set[str] = set()  # the filters some worker takes from the broker
 
     def add(
@@ -39,44 +39,45 @@ class Router:
     ) -> None:
         for topic_filter in topic_filters:
             check_filter(topic_filter)
-            number, known_qos = self._filters.get(topic_filter, (len(self._filters) + 1, 0))
-            self._filters[topic_filter] = (number, max(qos, known_qos))
-            self._routes.append((_levels(topic_filter), worker, number))
+            sub_id, known_qos = self._filters.get(topic_filter, (len(self._filters) + 1, 0))
+            self._filters[topic_filter] = (sub_id, max(qos, known_qos))
+            self._routes.append((_levels(topic_filter), worker, sub_id))
             if commands:
-                self._commands.add((worker, number))
+                self._commands.add((worker, sub_id))
             if local:
-                self._local.add((worker, number))
+                self._local.add((worker, sub_id))
             else:
                 self._broker.add(topic_filter)
         self._cache.clear()
 
     def routes_to(self, worker: str, topic_filter: str) -> bool:
         """True when `topic_filter` was added for `worker`."""
-        number = self.number(topic_filter)
-        return number is not None and any(w == worker and n == number for _, w, n in self._routes)
+        sub_id = self.sub_id(topic_filter)
+        return sub_id is not None and any(w == worker and n == sub_id for _, w, n in self._routes)
 
-    def number(self, topic_filter: str) -> int | None:
-        """The number of `topic_filter`, or None when no worker subscribed to it."""
+    def sub_id(self, topic_filter: str) -> int | None:
+        """The subscription id of `topic_filter`, or None when no worker subscribed to it."""
         known = self._filters.get(topic_filter)
         return known[0] if known is not None else None
 
-    def is_command(self, worker: str, number: int) -> bool:
+    def is_command(self, worker: str, sub_id: int) -> bool:
         """True when `worker` takes the topic through a filter it marked as carrying commands."""
-        return (worker, number) in self._commands
+        return (worker, sub_id) in self._commands
 
-    def is_local(self, worker: str, number: int) -> bool:
+    def is_local(self, worker: str, sub_id: int) -> bool:
         """True when `worker` takes the topic through a filter for local messages only (never from the broker)."""
-        return (worker, number) in self._local
+        return (worker, sub_id) in self._local
 
     def route(self, topic: str) -> tuple[tuple[str, int], ...]:
-        """(worker, filter number) for each worker subscribed to `topic`, each worker once, in the order added."""
+        """(worker, subscription id of its filter) for each worker subscribed to `topic`, each worker once, in the
+        order added."""
         found = self._cache.get(topic)
         if found is None:
             parts = topic.split("/")
             first: dict[str, int] = {}
-            for levels, worker, number in self._routes:
+            for levels, worker, sub_id in self._routes:
                 if worker not in first and _match(levels, parts):
-                    first[worker] = number
+                    first[worker] = sub_id
             found = tuple(first.items())
             if len(self._cache) >= _CACHE_LIMIT:
                 self._cache.clear()
@@ -92,15 +93,15 @@ class Router:
         filters = list(self._filters)
         return any(overlap(f, g) for i, f in enumerate(filters) for g in filters[i + 1 :])
 
-    def broker_filters(self, numbered: bool) -> list[tuple[str, int, int]]:
-        """(filter, qos, number) to subscribe to: every filter some worker takes from the broker when `numbered`,
-        else only those no other covers."""
-        filters = [(f, qos, number) for f, (number, qos) in self._filters.items() if f in self._broker]
-        if numbered:
+    def broker_filters(self, with_ids: bool) -> list[tuple[str, int, int]]:
+        """(filter, qos, subscription id) to subscribe to: every filter some worker takes from the broker when
+        `with_ids`, else only those no other covers."""
+        filters = [(f, qos, sub_id) for f, (sub_id, qos) in self._filters.items() if f in self._broker]
+        if with_ids:
             return filters
         kept = []
-        for f, qos, number in filters:
+        for f, qos, sub_id in filters:
             wider = [(g, q) for g, q, _ in filters if g != f and covers(g, f)]
             if not wider:
-                kept.append((f, max([qos, *(q for g, q, _ in filters if covers(f, g))]), number))
+                kept.append((f, max([qos, *(q for g, q, _ in filters if covers(f, g))]), sub_id))
         return kept

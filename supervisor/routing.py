@@ -84,8 +84,8 @@ class Routing:
             for s in worker_subscriptions(slot.settings, site):
                 self.router.add(slot.name, [s.topic_filter], s.qos, commands=s.commands, local=s.local)
         self.router.add(control.NAME, control_api.filters, qos=1, commands=True)
-        self._numbered = settings.mqtt.protocol == 5 and self.router.overlapping()
-        link.subscribe(self.router.broker_filters(numbered=self._numbered), numbered=self._numbered)
+        self._with_ids = settings.mqtt.protocol == 5 and self.router.overlapping()
+        link.subscribe(self.router.broker_filters(with_ids=self._with_ids), self._with_ids)
 
     def message_received(self, message: Incoming) -> None:
         """Route a message from the broker. QoS >= 1 is acknowledged once every receiver has finished it."""
@@ -148,21 +148,21 @@ class Routing:
         router = self.router
         if router.routes_to(worker, topic_filter):
             return
-        new = router.number(topic_filter) is None
-        known = [f for f, _, _ in router.broker_filters(numbered=True)]
+        new = router.sub_id(topic_filter) is None
+        known = [f for f, _, _ in router.broker_filters(with_ids=True)]
         v5 = self.settings.mqtt.protocol == 5
-        covered = not v5 and any(covers(f, topic_filter) for f, _, _ in router.broker_filters(numbered=False))
-        overlapping = v5 and not self._numbered and any(overlap(f, topic_filter) for f in known if f != topic_filter)
+        covered = not v5 and any(covers(f, topic_filter) for f, _, _ in router.broker_filters(with_ids=False))
+        overlapping = v5 and not self._with_ids and any(overlap(f, topic_filter) for f in known if f != topic_filter)
         router.add(worker, [topic_filter], qos)
         log.info("worker %s subscribed to %s", worker, topic_filter)
         if overlapping:  # from now on the broker must say which filter each copy of a message is for
-            self._numbered = True
-            self.link.subscribe(router.broker_filters(numbered=True), numbered=True)
+            self._with_ids = True
+            self.link.subscribe(router.broker_filters(with_ids=True), True)
             self.link.subscribe_again()
         elif new and not covered:
-            number = router.number(topic_filter)
-            assert number is not None
-            self.link.add_subscription(topic_filter, qos, number)
+            sub_id = router.sub_id(topic_filter)
+            assert sub_id is not None
+            self.link.add_subscription(topic_filter, qos, sub_id)
 
     def _for_the_supervisor(self, message: Incoming) -> None:
         """A message for the supervisor itself: a control request or a restart button press."""
@@ -179,15 +179,15 @@ class Routing:
         """The workers `message` goes to: bad input is counted against each worker it was meant for, and dropped."""
         routes = self.router.route(message.topic)
         if message.subscription_ids:  # this copy is for these subscriptions only; other copies cover the rest
-            routes = tuple((worker, number) for worker, number in routes if number in message.subscription_ids)
+            routes = tuple((worker, sub_id) for worker, sub_id in routes if sub_id in message.subscription_ids)
         commands = self.site.commands_prefix
         receivers = []
-        for worker, number in routes:
-            if self.router.is_local(worker, number):
+        for worker, sub_id in routes:
+            if self.router.is_local(worker, sub_id):
                 log.warning("dropped a message from the broker on %s: it is local to the supervisor", message.topic)
             elif len(message.payload) > self.settings.mqtt.max_payload_bytes:
                 self._bad_input(worker, "oversized", message.topic, f"{len(message.payload)} bytes")
-            elif message.retain and self.router.is_command(worker, number):
+            elif message.retain and self.router.is_command(worker, sub_id):
                 self._bad_input(worker, "retained_command", message.topic, "a retained message on a command topic")
             elif not message.payload and message.topic.startswith(commands):
                 # Clearing a retained button press (`mosquitto_pub -r -n`) reaches live subscribers as an empty

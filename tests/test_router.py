@@ -95,8 +95,8 @@ def test_broker_filters_without_identifiers_leave_out_covered_filters_and_keep_t
     router.add("a", ["x/+/y"], qos=1)
     router.add("b", ["x/#"], qos=0)
     router.add("c", ["z/1"], qos=2)
-    assert router.broker_filters(numbered=True) == [("x/+/y", 1, 1), ("x/#", 0, 2), ("z/1", 2, 3)]
-    assert router.broker_filters(numbered=False) == [("x/#", 1, 2), ("z/1", 2, 3)]
+    assert router.broker_filters(with_ids=True) == [("x/+/y", 1, 1), ("x/#", 0, 2), ("z/1", 2, 3)]
+    assert router.broker_filters(with_ids=False) == [("x/#", 1, 2), ("z/1", 2, 3)]
 
 
 def test_route_cache_sees_workers_added_later() -> None:
@@ -128,7 +128,7 @@ def test_overlap(first: str, second: str, expected: bool) -> None:
     assert overlap(second, first) is expected
 
 
-def test_only_overlapping_filters_need_numbers() -> None:
+def test_only_overlapping_filters_need_subscription_ids() -> None:
     router = Router()
     router.add("a", ["x/1", "y/#"])
     router.add("b", ["x/2", "y/#"])  # the same filter twice is one subscription: one copy
