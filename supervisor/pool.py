@@ -37,7 +37,7 @@ from contracts import (
 )
 from contracts.homeassistant import DeclaredEntity
 from supervisor import control
-from supervisor.config import Settings
+from supervisor.config import Settings, WorkerSettings
 from supervisor.errors import ChannelClosed, ControlError
 from supervisor.loop import Loop
 from supervisor.processes import ExitStatus, WorkerProcess, shared_word
@@ -80,10 +80,18 @@ class WorkerPool:
         self.loop = loop
         self.publisher = publisher
         self.events = events
-        self.slots = {w.name: WorkerSlot(w, RestartTracker(w.supervision)) for w in settings.workers}
+        self.slots: dict[str, WorkerSlot] = {}
+        for worker in settings.workers:
+            self.add(worker)
         self.stopping = False
         self._context: object = None
         self._inherited: Callable[[], Iterable[int]] = list
+
+    def add(self, worker: WorkerSettings) -> WorkerSlot:
+        """A slot for the worker `worker` describes, not started yet (`start` starts them all; later, `start_worker`
+        starts one): how the configured workers come in, and how one added while running will."""
+        slot = self.slots[worker.name] = WorkerSlot(worker, RestartTracker(worker.supervision))
+        return slot
 
     def start(self, context: object, inherited: Callable[[], Iterable[int]]) -> None:
         """Start every worker, with `context` (see `processes.start_method_context`); `inherited`: the descriptors
