@@ -47,6 +47,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.dev-installed mosquitto promtool
 	$(PY) -m pytest
 
+# mypy checks what pyproject.toml's [tool.mypy] names: supervisor, contracts, workers and tests, all strict.
 check: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check supervisor contracts workers tests
 	$(VENV)/bin/mypy

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -163,7 +164,7 @@ class MqttProbe:
     def __init__(
         self,
         port: int,
-        protocol: int = paho.MQTTv5,
+        protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
@@ -174,7 +175,7 @@ class MqttProbe:
         self.messages: list[Received] = []
         self._lock = threading.Condition()
         self.client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}", protocol=protocol
+            CallbackAPIVersion.VERSION2, client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}", protocol=protocol
         )
         self.client.on_message = self._on_message
         if username:
@@ -185,7 +186,7 @@ class MqttProbe:
         self.client.on_connect = lambda *a: self._connected.set()
         properties = None
         if persistent:
-            properties = Properties(PacketTypes.CONNECT)
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = 600
         self.client.connect("127.0.0.1", port, clean_start=not persistent, properties=properties)
         self.client.loop_start()
@@ -216,7 +217,7 @@ class MqttProbe:
     ) -> None:
         properties = None
         if response_topic or correlation_data or user_properties:
-            properties = Properties(PacketTypes.PUBLISH)
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if response_topic:
                 properties.ResponseTopic = response_topic
             if correlation_data:

@@ -105,7 +105,7 @@ def test_a_soak_of_2000_messages_with_random_crashes_dead_letters_exactly_the_po
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, tmp_path: Path
 ) -> None:
     out = f"{prefix}/out/echo"
-    supervision = {"max_restarts": 1000, "backoff_min_seconds": 0.01, "backoff_max_seconds": 0.02}
+    supervision: dict[str, Any] = {"max_restarts": 1000, "backoff_min_seconds": 0.01, "backoff_max_seconds": 0.02}
     start(supervisors, mqtt, {"echo": echo(prefix, qos=1, dead_letter_after_crashes=3, **supervision)})
     rng = random.Random(16)
     payloads = [f"m{i}" for i in range(2000)]

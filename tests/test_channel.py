@@ -54,7 +54,8 @@ def test_a_frame_split_across_reads_is_held_until_complete() -> None:
 
 def test_end_of_stream_delivers_what_came_before_then_reports_closed() -> None:
     a, b = socket.socketpair()
-    worker_end, supervisor_end = Channel(a, Inbound), Channel(b, Outbound)
+    worker_end: Channel[Inbound] = Channel(a, Inbound)
+    supervisor_end: Channel[Outbound] = Channel(b, Outbound)
     worker_end.send([Publish(topic="last", payload=b"words"), Handled(id=3, seconds=0.1)])
     a.close()
     select.select([supervisor_end], [], [], 5)
@@ -67,7 +68,7 @@ def test_end_of_stream_delivers_what_came_before_then_reports_closed() -> None:
 
 def test_writing_to_a_closed_peer_raises_channel_closed() -> None:
     a, b = socket.socketpair()
-    channel = Channel(a, Outbound)
+    channel: Channel[Outbound] = Channel(a, Outbound)
     b.close()
     with pytest.raises(ChannelClosed, match=r"^send failed: "):
         channel.send([Stop()])
@@ -75,7 +76,7 @@ def test_writing_to_a_closed_peer_raises_channel_closed() -> None:
 
 def test_garbage_on_the_pipe_raises_channel_closed() -> None:
     a, b = socket.socketpair()
-    channel = Channel(b, Inbound)
+    channel: Channel[Inbound] = Channel(b, Inbound)
     a.send(b"\x03\x00\x00\x00abc")
     select.select([channel], [], [], 5)
     with pytest.raises(ChannelClosed, match=r"^undecodable frame: "):

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from supervisor import config
-from supervisor.config import ConfigError
+from supervisor.errors import ConfigError
 from supervisor.registry import discover
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -40,7 +40,11 @@ def test_kill_9_of_a_worker_mid_stream_loses_nothing(
     out = f"{prefix}/out/echo"
     payloads = publish_numbered(mqtt, f"{prefix}/in/x", 3000)
     for kills in range(1, 4):
-        wait_until(lambda k=kills: len(echoed_payloads(mqtt, out)) >= 600 * k, 30, f"{600 * kills} echoes")
+
+        def enough_echoed(k: int = kills) -> bool:
+            return len(echoed_payloads(mqtt, out)) >= 600 * k
+
+        wait_until(enough_echoed, 30, f"{600 * kills} echoes")
         os.kill(started_pids(mqtt, out)[-1], signal.SIGKILL)
         mqtt.wait_for(f"{out}/started", count=kills + 1)
     wait_until(lambda: echoed_payloads(mqtt, out) >= set(payloads), 60, "every message to be echoed")
@@ -114,7 +118,10 @@ def test_worker_to_worker_publications_survive_a_supervisor_kill(
     topics = [f"{prefix}/bus/{i}" for i in range(600)]
     for topic in topics:
         mqtt.client.publish(f"{prefix}/in/sender", f"forward:{topic}", qos=1)
-    heard = lambda: {m.json()["topic"] for m in mqtt.received(f"{prefix}/out/listener/echo")}  # noqa: E731
+
+    def heard() -> set[str]:
+        return {m.json()["topic"] for m in mqtt.received(f"{prefix}/out/listener/echo")}
+
     wait_until(lambda: len(heard()) >= 100, 30, "the listener to hear 100 forwarded messages")
     first.signal(signal.SIGKILL)
     first.wait()
@@ -137,7 +144,10 @@ def test_an_outbox_replayed_after_a_kill_9_reaches_a_deduplicating_worker_once(
         "tally": {"topics": [f"{prefix}/bus/#"], "dedupe_seconds": dedupe_seconds},
     }
     handled_file = tmp_path / "state" / "workers" / "tally" / "handled.txt"
-    handled = lambda: handled_file.read_text().splitlines() if handled_file.exists() else []  # noqa: E731
+
+    def handled() -> list[str]:
+        return handled_file.read_text().splitlines() if handled_file.exists() else []
+
     with supervisors_on(nowhere, tmp_path, prefix, request) as factory:
         first = factory.start(workers, metrics={"port": port})
         scrape_until(port, "supervisor_message_handling_seconds_count", ticks, worker="tally")

@@ -45,7 +45,8 @@ SPEC_METRICS = {
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=")
-        return response.read().decode()
+        body: bytes = response.read()  # urlopen's response is typed Any
+        return body.decode()
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -41,7 +41,8 @@ DEEP = b'{"worker": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
 
 def status_answered(mqtt: MqttProbe, base: str, count: int = 1) -> dict[str, Any]:
     mqtt.publish(f"{base}/request/status", "")
-    return mqtt.wait_for(f"{base}/response/status", count=count)[-1].json()
+    status: dict[str, Any] = mqtt.wait_for(f"{base}/response/status", count=count)[-1].json()
+    return status
 
 
 @pytest.mark.parametrize("retain", [False, True])
@@ -115,15 +116,22 @@ def test_an_exception_in_a_loop_callback_is_survived_unless_it_says_the_state_is
             raise exc
         errors.append(exc)
 
+    def divide_by_zero() -> None:
+        _ = 1 / 0
+
+    def look_up_a_missing_key() -> None:
+        empty: dict[str, int] = {}
+        _ = empty["missing"]
+
     loop = Loop(on_error=on_error)
     ran: list[str] = []
-    loop.call_later(0, lambda: 1 / 0)
+    loop.call_later(0, divide_by_zero)
     loop.call_later(0, lambda: ran.append("next timer"))
     loop.after_wakeup(lambda: ran.append("after wakeup"))
     a, b = socket.socketpair()
     try:
         b.send(b"x")
-        loop.add_reader(a, lambda: {}["missing"])
+        loop.add_reader(a, look_up_a_missing_key)
         loop.run_once(max_wait=0.1)
         assert [type(e) for e in errors] == [KeyError, ZeroDivisionError]
         assert ran == ["next timer", "after wakeup"]

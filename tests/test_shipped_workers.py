@@ -60,7 +60,8 @@ def latest_status(mqtt: MqttProbe, base: str, predicate: Any, what: str) -> dict
         statuses = [m.json() for m in mqtt.received(f"{base}/status")]
         return statuses[-1] if statuses and predicate(statuses[-1]) else None
 
-    return wait_until(found, 15, what)  # type: ignore[no-any-return]
+    status: dict[str, Any] = wait_until(found, 15, what)
+    return status
 
 
 def test_the_four_workers_ship() -> None:

@@ -113,7 +113,7 @@ def test_messages_reach_the_worker_intact_whatever_their_qos_retain_flag_and_pro
     # Plain QoS 0 and 1 messages take the link's own fast path; QoS 2 and messages with properties go through paho.
     mqtt.publish(f"{prefix}/in/kept", "kept \xe9", qos=1, retain=True)  # delivered with the retain flag on subscribe
     start(supervisors, mqtt, {"echo": echo(prefix, qos=2)}, {"mqtt": {"protocol": protocol}})
-    expected = {"kept \xe9": (f"{prefix}/in/kept", 1, True, None)}
+    expected: dict[str, tuple[str, int, bool, str | None]] = {"kept \xe9": (f"{prefix}/in/kept", 1, True, None)}
     for qos in (0, 1, 2):
         mqtt.publish(f"{prefix}/in/q{qos}", f"qos {qos}", qos=qos)
         expected[f"qos {qos}"] = (f"{prefix}/in/q{qos}", qos, False, None)

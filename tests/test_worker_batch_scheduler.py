@@ -105,7 +105,8 @@ def wait_summary(mqtt: MqttProbe, after: float, timeout: float = 10.0) -> dict[s
     def of_run(m: Received) -> bool:
         return bool(m.json().get("started_ts", 0) >= after)
 
-    return mqtt.wait_for(SUMMARY, of_run, timeout=timeout)[0].json()
+    summary: dict[str, Any] = mqtt.wait_for(SUMMARY, of_run, timeout=timeout)[0].json()
+    return summary
 
 
 def recorded(supervisors: SupervisorFactory) -> list[tuple[str, str]]:

@@ -64,7 +64,8 @@ def configs(mqtt: MqttProbe, prefix: str) -> dict[str, dict[str, Any]]:
 
 def status_of(mqtt: MqttProbe, base: str, predicate: Any) -> dict[str, Any]:
     (message,) = mqtt.wait_for(f"{base}/status", lambda m: predicate(m.json()))[-1:]
-    return message.json()  # type: ignore[no-any-return]
+    status: dict[str, Any] = message.json()
+    return status
 
 
 def test_every_declared_entity_becomes_a_valid_discovery_config(
@@ -173,7 +174,8 @@ def test_an_entity_follows_its_worker_down_and_up(
 
 def request(mqtt: MqttProbe, base: str, action: str, body: dict[str, Any], count: int = 1) -> dict[str, Any]:
     mqtt.publish(f"{base}/ha_responder/request/{action}", json.dumps(body))
-    return mqtt.wait_for(f"{base}/ha_responder/response/{action}", count=count)[-1].json()  # type: ignore[no-any-return]
+    response: dict[str, Any] = mqtt.wait_for(f"{base}/ha_responder/response/{action}", count=count)[-1].json()
+    return response
 
 
 def test_devices_on_the_bus_are_tracked_and_can_be_set(

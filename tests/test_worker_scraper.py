@@ -772,7 +772,7 @@ def test_an_error_is_counted_by_kind_and_the_last_good_list_stays(
     requests: int,
 ) -> None:
     web.routes["/stadium"] = Route(body=page("stadium.html"))
-    options = {"timeout_seconds": 1.0} if kind == "timeout" else {}  # the slow page takes 3 s
+    options: dict[str, Any] = {"timeout_seconds": 1.0} if kind == "timeout" else {}  # the slow page takes 3 s
     scraper = start(supervisors, mqtt, [stadium(web.url("/stadium"))], **options)
     scraper.runs()
     good = retained(broker, scraper.events)
@@ -854,6 +854,7 @@ def test_the_shipped_example_source_works_offline_and_never_runs_out(monkeypatch
     for today in (date(2026, 12, 1), date(2027, 6, 30)):
         outcome = scrape(source, Validators(), scraper.config.http(), today, ZoneInfo("UTC"), threading.Event())  # type: ignore[attr-defined]
         assert outcome.error is None
+        assert outcome.items is not None
         assert len(outcome.items) == 6
         upcoming = [item for item in outcome.items if date.fromisoformat(item.date) >= today]
         assert len(upcoming) >= 4  # a date just past stays in this year; the rest come within the year

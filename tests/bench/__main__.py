@@ -34,7 +34,7 @@ sys.path.insert(0, str(TESTS))
 
 from support import Broker, descendants, toml, wait_until  # noqa: E402
 
-from tests.bench.rawmqtt import LoadGen  # noqa: E402
+from .rawmqtt import LoadGen  # noqa: E402
 
 RUNS = 3
 MESSAGES = 20_000

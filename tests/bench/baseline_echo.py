@@ -75,7 +75,7 @@ def main() -> None:
         print("ready", flush=True)
 
     def on_message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        relay.on_message(ctx, Message(id=next(ids), topic=msg.topic, payload=msg.payload, qos=msg.qos))
+        relay.on_message(ctx, Message(id=next(ids), topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos))
 
     client.on_socket_open = on_socket_open
     client.on_connect = on_connect

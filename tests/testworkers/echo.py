@@ -64,6 +64,11 @@ def _count_reachable(sha256: str) -> int:
     return found
 
 
+def _divide_by_zero() -> None:
+    """The `timer_raise` timer: a bug in a timer callback (ZeroDivisionError: division by zero)."""
+    _ = 1 / 0
+
+
 class Echo(Worker[EchoConfig]):
     """Replies to every message on `<out>/echo`; see the module docstring for the commands it obeys."""
 
@@ -103,7 +108,7 @@ class Echo(Worker[EchoConfig]):
             ctx.every(0.5, lambda: self.hoard.append(b"x" * step))
             return
         if text == "timer_raise":
-            ctx.call_later(0, lambda: 1 / 0)
+            ctx.call_later(0, _divide_by_zero)
             return
         if text == "block":
             ctx.call_later(0, lambda: time.sleep(3600))
