@@ -4,7 +4,9 @@ The map (imports only point down the list; `contracts` is shared with the worker
 
     cli          the command line: parse arguments, load config, run, exit codes
     core         the Supervisor: one selector loop wiring everything below together
-    mqtt         the MQTT link: the only module that imports paho
+    mqtt         the MQTT link: connect, reconnect, will and birth, publish, subscribe (paho's public API)
+    fastpaho     paho's client made faster: our overrides of paho's private methods (paho is imported only
+                 here and in mqtt)
     router       which workers a topic goes to (MQTT wildcard matching)
     publishing   what workers publish, to local subscribers and the broker, durably for QoS >= 1
     delivery     which messages are still owed to someone; acknowledgements in arrival order
