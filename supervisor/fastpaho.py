@@ -1,19 +1,30 @@
 """paho's Client made faster: every override of a private paho method, and every private paho attribute read.
 
-The MQTT link (`supervisor.mqtt`) drives this client from the supervisor's loop and knows nothing of how it is made
-fast. paho spends most of its time per message on objects and system calls the supervisor does not need; the
-overrides here cut them, and `PackedProperties` lets the link hand paho PUBLISH properties it has packed itself.
-paho does not promise these names (they are not its public API); the whole test suite runs through them.
+The MQTT link (`supervisor.mqtt`) gets its client from `new_client` and drives it from the supervisor's loop; it
+knows nothing of how the client is made fast. paho spends most of its time per message on objects and system calls
+the supervisor does not need; the overrides here cut them, and `PackedProperties` lets the link hand paho PUBLISH
+properties it has packed itself.
+
+paho does not promise these names (they are not its public API). Every one of them is listed in `PAHO_METHODS` and
+`PAHO_ATTRIBUTES`; `new_client` checks them against the installed paho and logs one warning naming any that
+changed, and tests/test_fastpaho.py fails on the same. What a change would do: a renamed method leaves its override
+unused, which is only slower, except `_packet_write` (nothing would then send what `_sock_send` queues); a renamed
+attribute or a changed signature breaks the override that uses it. The client counts the packets its fast paths
+took (`fast_publishes`, `fast_pubacks`, served as `supervisor_mqtt_fast_path_packets_total`), so a fast path that
+paho no longer reaches shows as a counter that stays still.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 import socket
 from collections.abc import Callable
 from typing import Literal
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt import __version__ as paho_version
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -22,6 +33,60 @@ _READ_CHUNK = 64 * 1024  # see channel._READ_SIZE: a read of more than 128 KiB c
 _DISCONNECT = 0xE0
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+
+log = logging.getLogger(__name__)
+
+# paho's private methods this module overrides (the first six) or calls (`_do_on_publish`), with their parameters.
+PAHO_METHODS: dict[str, tuple[str, ...]] = {
+    "_sock_recv": ("self", "bufsize"),
+    "_sock_send": ("self", "buf"),
+    "_packet_write": ("self",),
+    "_create_socket_connection": ("self",),
+    "_handle_publish": ("self",),
+    "_handle_pubackcomp": ("self", "cmd"),
+    "_do_on_publish": ("self", "mid", "reason_code", "properties"),
+}
+# The private attributes of a paho client it reads (`_on_publish`: swaps out while writing).
+PAHO_ATTRIBUTES = ("_in_packet", "_protocol", "_on_publish", "_out_message_mutex", "_out_messages")
+
+
+def new_client(client_id: str, v5: bool) -> BufferedClient:
+    """The link's client, checked against what this module relies on (a warning names what differs).
+
+    MQTT 5, or 3.1.1 with a persistent session; no reconnecting of paho's own (the link reconnects from the loop);
+    manual acknowledgements, which `on_plain_publish` requires: the link acknowledges a message once handled.
+    """
+    client = BufferedClient(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        clean_session=None if v5 else False,
+        reconnect_on_failure=False,
+        manual_ack=True,  # see supervisor.delivery
+    )
+    differences = paho_differences(client)
+    if differences:
+        log.warning(
+            "paho-mqtt %s differs from what supervisor.fastpaho relies on (%s): the MQTT link may be slower "
+            "(supervisor_mqtt_fast_path_packets_total stays still) or fail; it is tested with the paho-mqtt releases "
+            "that pyproject.toml allows",
+            paho_version,
+            "; ".join(differences),
+        )
+    return client
+
+
+def paho_differences(client: object, client_class: type = paho.Client) -> list[str]:
+    """What this module relies on that `client_class` (paho's Client) or its instance `client` lacks, one line each."""
+    found = []
+    for name, expected in PAHO_METHODS.items():
+        method = getattr(client_class, name, None)
+        if not callable(method):
+            found.append(f"Client.{name} is gone")
+        elif (parameters := tuple(inspect.signature(method).parameters)) != expected:
+            found.append(f"Client.{name} takes ({', '.join(parameters)}), not ({', '.join(expected)})")
+    found += [f"a client has no {name}" for name in PAHO_ATTRIBUTES if not hasattr(client, name)]
+    return found
 
 
 class BufferedClient(paho.Client):
@@ -32,10 +97,8 @@ class BufferedClient(paho.Client):
     sent with one `send` per `loop_write`. Bytes not taken by the socket stay queued and keep `want_write` true.
     Connecting: the TCP connection is made by the supervisor's loop without blocking, then handed to paho.
     Receiving: a plain PUBLISH goes straight to `on_plain_publish` (see `_handle_publish`), and a plain PUBACK
-    skips paho's decoding (see `_handle_pubackcomp`).
-    This overrides paho's private `_sock_recv`, `_sock_send`, `_packet_write`, `_create_socket_connection`,
-    `_handle_publish` and `_handle_pubackcomp` (unchanged throughout paho-mqtt 2.x, the range pyproject allows); the
-    whole test suite runs through them.
+    skips paho's decoding (see `_handle_pubackcomp`); `fast_publishes` and `fast_pubacks` count them.
+    The paho privates it overrides and reads are those in `PAHO_METHODS` and `PAHO_ATTRIBUTES`.
     """
 
     _buffer = b""
@@ -45,6 +108,8 @@ class BufferedClient(paho.Client):
     # Called with (topic, payload, qos, retain, mid) for a plain PUBLISH. Only for a client made with
     # manual_ack=True: a QoS 1 message is then acknowledged by its owner, not here.
     on_plain_publish: Callable[[str, bytes, int, bool, int], None] | None = None
+    fast_publishes = 0  # PUBLISH packets handed to on_plain_publish
+    fast_pubacks = 0  # PUBACK packets confirmed without paho's decoding
 
     def use_connected_socket(self, sock: socket.socket) -> None:
         """Make the next `reconnect` use `sock`, connected by the supervisor's loop without blocking it."""
@@ -114,6 +179,7 @@ class BufferedClient(paho.Client):
         except UnicodeDecodeError:
             return super()._handle_publish()
         mid = int.from_bytes(packet[topic_end : topic_end + 2], "big") if qos else 0
+        self.fast_publishes += 1
         handler(topic, bytes(packet[payload_start:]), qos, bool(command & 0x01), mid)
         return paho.MQTT_ERR_SUCCESS
 
@@ -124,6 +190,7 @@ class BufferedClient(paho.Client):
         packet = self._in_packet["packet"]
         if cmd != "PUBACK" or len(packet) != 2:
             return super()._handle_pubackcomp(cmd)
+        self.fast_pubacks += 1
         mid = int.from_bytes(packet, "big")
         with self._out_message_mutex:
             if mid in self._out_messages:

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 import msgspec
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -30,7 +29,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from contracts.topics import publish_topic_problem
 from supervisor import secrets
 from supervisor.config import MqttConfig
-from supervisor.fastpaho import BufferedClient, PackedProperties
+from supervisor.fastpaho import BufferedClient, PackedProperties, new_client
 from supervisor.loop import Loop, TimerHandle
 from supervisor.secrets import Secret
 
@@ -204,6 +203,11 @@ class MqttLink:
         self.published += 1
         return info.mid
 
+    @property
+    def fast_path_packets(self) -> tuple[int, int]:
+        """PUBLISH and PUBACK packets the client parsed itself rather than through paho (see supervisor.fastpaho)."""
+        return self._client.fast_publishes, self._client.fast_pubacks
+
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge inbound message `mid` (QoS 1 or 2) to the broker."""
         self._client.ack(mid, qos)
@@ -234,14 +238,7 @@ class MqttLink:
 
     def _build_client(self, password: Secret | None) -> BufferedClient:
         config = self.config
-        client = BufferedClient(
-            CallbackAPIVersion.VERSION2,
-            client_id=config.client_id,
-            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
-            clean_session=None if self._v5 else False,
-            reconnect_on_failure=False,
-            manual_ack=True,  # acknowledged once handled: see supervisor.delivery
-        )
+        client = new_client(config.client_id, self._v5)
         client.max_queued_messages_set(0)  # QoS >= 1 publications are all kept (and in the outbox on disk)
         client.connect_timeout = config.connect_timeout_seconds
         if config.username:
