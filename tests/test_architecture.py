@@ -47,3 +47,31 @@ def test_only_the_mqtt_link_and_its_paho_client_import_paho() -> None:
         if "paho" in top_level(imported_modules(p))
     )
     assert users == ["supervisor/fastpaho.py", "supervisor/mqtt.py"]
+
+
+def package_map() -> list[str]:
+    """The module names in the map at the top of supervisor/__init__.py, top to bottom."""
+    text = (ROOT / "supervisor" / "__init__.py").read_text()
+    lines = text.split("\n\n", 2)[2].split('"""')[0].splitlines()
+    return [line.split()[0] for line in lines if line.startswith("    ") and not line.startswith("     ")]
+
+
+def supervisor_imports(path: Path) -> set[str]:
+    """The modules of `supervisor` that `path` imports (a name imported from the package itself counts if it is one)."""
+    modules = {p.stem for p in (ROOT / "supervisor").glob("*.py")}
+    found = {n.split(".")[1] for n in imported_modules(path) if n.startswith("supervisor.")}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module == "supervisor":
+            found.update(alias.name for alias in node.names if alias.name in modules)
+    return found
+
+
+def test_the_package_map_names_every_module_and_imports_only_point_down_it() -> None:
+    mapped = package_map()
+    modules = sorted(p.stem for p in (ROOT / "supervisor").glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert sorted(mapped) == modules
+    upward = {
+        name: sorted(m for m in supervisor_imports(ROOT / "supervisor" / f"{name}.py") if mapped.index(m) < index)
+        for index, name in enumerate(mapped)
+    }
+    assert {name: above for name, above in upward.items() if above} == {}
