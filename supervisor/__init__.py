@@ -20,7 +20,8 @@ workers and imports nothing of this package. The modules named `worker_*` run in
     dedupe          publication ids a worker handled, to drop the copies
     publishing      what workers publish, to local subscribers and the broker, durably for QoS >= 1
     router          which workers a topic goes to (MQTT wildcard matching, subscription ids)
-    mqtt            the MQTT link: connect, reconnect, will and birth, publish, subscribe; the only paho user
+    mqtt            the MQTT link: connect, reconnect, will and birth, publish, subscribe (paho's public API)
+    fastpaho        paho's client made faster: overrides of its private methods (paho is imported here and in mqtt)
     outbox          QoS >= 1 publications on disk (SQLite) until everyone they were for has them
     delivery        which messages are still owed to someone; acknowledgements in arrival order
     processes       worker processes seen from the supervisor: start, pipe, stop, kill, exit status
@@ -32,7 +33,7 @@ workers and imports nothing of this package. The modules named `worker_*` run in
     config          the TOML file, environment overrides and secrets
     registry        finding worker classes in the worker packages (worker discovery)
     secrets         secret values: kept out of logs and out of the environment workers inherit
-    channel         length-framed msgspec envelopes over a pipe
+    channel         length-framed msgspec envelopes over a socket pair
     errors          the exception types
 """
 

@@ -335,6 +335,10 @@ class Supervisor:
         return self.link.reconnects, self.link.received, self.link.published, self.link.publish_errors
 
     @property
+    def mqtt_fast_path(self) -> tuple[int, int]:
+        return self.link.fast_path_packets
+
+    @property
     def outbox_backlog(self) -> int:
         return self.publisher.backlog
 

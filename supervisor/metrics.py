@@ -56,6 +56,11 @@ class Observed(Protocol):
         ...
 
     @property
+    def mqtt_fast_path(self) -> tuple[int, int]:
+        """PUBLISH and PUBACK packets the MQTT link parsed itself rather than through paho."""
+        ...
+
+    @property
     def outbox_backlog(self) -> int: ...
 
     def status_document(self) -> Any:
@@ -142,6 +147,14 @@ class SupervisorCollector(Collector):
             counter = CounterMetricFamily(PREFIX + name, text)
             counter.add_metric([], value)
             yield counter
+        fast = CounterMetricFamily(
+            PREFIX + "mqtt_fast_path_packets",
+            "Plain PUBLISH (QoS 0/1, no properties) and PUBACK packets the link parsed itself, not through paho.",
+            labels=["packet"],
+        )
+        for packet, count in zip(("publish", "puback"), self.observed.mqtt_fast_path, strict=True):
+            fast.add_metric([packet], count)
+        yield fast
 
     def _usage(self, name: str, slot: WorkerSlot) -> tuple[int, float]:
         """Resident bytes now, and CPU seconds over all the worker's processes (earlier ones as last scraped)."""

@@ -1,9 +1,11 @@
-"""The MQTT link: the supervisor's one connection to the broker, and the only module that imports paho.
+"""The MQTT link: the supervisor's one connection to the broker, its lifecycle, and the only user of paho's API.
 
 paho is driven from the supervisor's selector loop (`loop_read` / `loop_write` / `loop_misc`, no paho thread), so
 every paho callback runs on the loop's thread. The callbacks only translate paho's objects into our own types and
 hand them to the `LinkListener`. Reconnecting is ours too: exponential backoff between the configured minimum and
 maximum, and on every connect the link publishes the birth message and subscribes to every filter again.
+The link uses paho's public API only; what makes its client fast (overrides of paho's private methods) is in
+`supervisor.fastpaho`, the one other module that imports paho.
 """
 
 from __future__ import annotations
@@ -15,12 +17,10 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import msgspec
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -29,6 +29,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from contracts.topics import publish_topic_problem
 from supervisor import secrets
 from supervisor.config import MqttConfig
+from supervisor.fastpaho import BufferedClient, PackedProperties, new_client
 from supervisor.loop import Loop, TimerHandle
 from supervisor.secrets import Secret
 
@@ -38,168 +39,10 @@ _MISC_INTERVAL = 1.0
 _MAX_READS_PER_WAKEUP = 10_000
 _REPEAT_LOG_SECONDS = 60.0
 _STABLE_CONNECTION_SECONDS = 10.0
-_READ_CHUNK = 64 * 1024  # see channel._READ_SIZE: a read of more than 128 KiB costs an mmap and a munmap
-_DISCONNECT = 0xE0
-_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
-_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 _PACKET_TOO_LARGE = ReasonCode(PacketTypes.DISCONNECT, "Packet too large")
 # The MQTT 5 user property that carries every publication's stable id (identifier 0x26, then the key).
 PUBLICATION_ID_KEY = "publication-id"
 _PUBLICATION_ID_PROPERTY = b"\x26" + len(PUBLICATION_ID_KEY).to_bytes(2, "big") + PUBLICATION_ID_KEY.encode()
-
-
-class _BufferedClient(paho.Client):
-    """paho's client with buffers in front of its socket, to cut system calls per message.
-
-    Reading: paho reads each packet with three or more `recv` calls (command byte, length bytes, body); they are
-    served from one large `recv`. Writing: paho sends each packet with its own `send`; packets are gathered and
-    sent with one `send` per `loop_write`. Bytes not taken by the socket stay queued and keep `want_write` true.
-    Connecting: the TCP connection is made by the supervisor's loop without blocking, then handed to paho.
-    Receiving: a plain PUBLISH goes straight to `on_plain_publish` (see `_handle_publish`), and a plain PUBACK
-    skips paho's decoding (see `_handle_pubackcomp`).
-    This overrides paho's private `_sock_recv`, `_sock_send`, `_packet_write`, `_create_socket_connection`,
-    `_handle_publish` and `_handle_pubackcomp` (unchanged throughout paho-mqtt 2.x, the range pyproject allows); the
-    whole test suite runs through them.
-    """
-
-    _buffer = b""
-    _position = 0
-    _pending: bytearray | None = None
-    _connected_socket: socket.socket | None = None
-    # Called with (topic, payload, qos, retain, mid) for a plain PUBLISH. Only for a client made with
-    # manual_ack=True: a QoS 1 message is then acknowledged by its owner, not here.
-    on_plain_publish: Callable[[str, bytes, int, bool, int], None] | None = None
-
-    def use_connected_socket(self, sock: socket.socket) -> None:
-        """Make the next `reconnect` use `sock`, connected by the supervisor's loop without blocking it."""
-        self._connected_socket = sock
-
-    def _create_socket_connection(self) -> socket.socket:
-        sock, self._connected_socket = self._connected_socket, None
-        if sock is None:
-            return super()._create_socket_connection()
-        sock.settimeout(self.connect_timeout)  # as paho's own sockets, until paho makes it non-blocking
-        return sock
-
-    def _sock_send(self, buf: bytes | bytearray) -> int:
-        if self._pending is None:
-            self._pending = bytearray()
-        if buf[:1] and buf[0] & 0xF0 == _DISCONNECT:
-            self._flush()  # paho closes the socket right after a DISCONNECT: send what is queued first
-            return super()._sock_send(buf)
-        self._pending += buf
-        return len(buf)
-
-    def _packet_write(self) -> MQTTErrorCode:
-        # paho calls on_publish for every QoS 0 packet it writes, building a ReasonCode and a Properties object
-        # each time (a quarter of the supervisor's CPU in a QoS 0 flood). Nothing tracks QoS 0 completions, so the
-        # callback is hidden while writing; QoS 1 and 2 confirmations arrive while reading and still reach it.
-        on_publish, self._on_publish = self._on_publish, None
-        try:
-            rc = super()._packet_write()
-        finally:
-            self._on_publish = on_publish
-        if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
-            return rc
-        return self._flush()
-
-    def _flush(self) -> MQTTErrorCode:
-        pending = self._pending
-        while pending:
-            try:
-                sent = super()._sock_send(pending)
-            except BlockingIOError:
-                return paho.MQTT_ERR_AGAIN
-            except OSError:
-                return paho.MQTT_ERR_CONN_LOST
-            del pending[:sent]
-        return paho.MQTT_ERR_SUCCESS
-
-    def want_write(self) -> bool:
-        return super().want_write() or bool(self._pending)
-
-    def _handle_publish(self) -> MQTTErrorCode:
-        # paho builds an MQTTMessage and a Properties object for every PUBLISH and takes two locks to hand it on:
-        # 35 us per message here, the largest share of the supervisor's time per routed message. The common case,
-        # QoS 0 or 1 with no properties and a UTF-8 topic, is parsed here (1 us) and handed straight on; anything
-        # else (QoS 2, properties such as a response topic, a malformed packet) goes through paho as before.
-        handler = self.on_plain_publish
-        command, packet = self._in_packet["command"], self._in_packet["packet"]
-        qos = (command & 0x06) >> 1
-        v5 = self._protocol == paho.MQTTv5
-        topic_end = 2 + int.from_bytes(packet[:2], "big")
-        payload_start = topic_end + (2 if qos else 0) + (1 if v5 else 0)
-        if handler is None or qos == 2 or topic_end == 2 or len(packet) < payload_start:
-            return super()._handle_publish()
-        if v5 and packet[payload_start - 1] != 0:
-            return super()._handle_publish()  # it has properties
-        try:
-            topic = packet[2:topic_end].decode()
-        except UnicodeDecodeError:
-            return super()._handle_publish()
-        mid = int.from_bytes(packet[topic_end : topic_end + 2], "big") if qos else 0
-        handler(topic, bytes(packet[payload_start:]), qos, bool(command & 0x01), mid)
-        return paho.MQTT_ERR_SUCCESS
-
-    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
-        # A PUBACK of two bytes (the packet id alone: success, no properties) is the usual answer to each QoS 1
-        # publication; paho would decode a new ReasonCode and Properties for it (10 us). It gets shared ones instead,
-        # and paho's own bookkeeping (`_do_on_publish`) as before.
-        packet = self._in_packet["packet"]
-        if cmd != "PUBACK" or len(packet) != 2:
-            return super()._handle_pubackcomp(cmd)
-        mid = int.from_bytes(packet, "big")
-        with self._out_message_mutex:
-            if mid in self._out_messages:
-                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
-        return paho.MQTT_ERR_SUCCESS
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._position >= len(self._buffer):
-            data = super()._sock_recv(_READ_CHUNK)  # raises BlockingIOError when nothing is there
-            if not data:
-                return data
-            self._buffer, self._position = data, 0
-        start = self._position
-        self._position = start + bufsize
-        return self._buffer[start : start + bufsize]
-
-    @property
-    def buffered(self) -> bool:
-        """Bytes already read from the socket that paho has not consumed yet."""
-        return self._position < len(self._buffer)
-
-    def refuse_unconfirmed(self, chosen: Callable[[paho.MQTTMessage], bool], reason: ReasonCode) -> int:
-        """Give up the unconfirmed QoS 1/2 publications `chosen` picks, as if the broker had refused them (paho would
-        send them again on every connection); returns how many."""
-        with self._out_message_mutex:
-            mids = [mid for mid, message in self._out_messages.items() if message.qos > 0 and chosen(message)]
-            for mid in mids:
-                self._do_on_publish(mid, reason, _NO_PROPERTIES)
-        return len(mids)
-
-    def drop_buffers(self) -> None:
-        """Forget what was read or queued on the previous connection."""
-        self._buffer, self._position = b"", 0
-        self._pending = bytearray()
-
-
-class _PublishProperties(Properties):
-    """PUBLISH properties packed by the link once (paho's own `pack` looks up every property name on each call).
-    paho only calls `pack` on them: when it sends the packet, and again if it resends it after a reconnect."""
-
-    _packed: bytes
-
-    def __init__(self, packed: bytes) -> None:  # not Properties.__init__: nothing but `pack` is ever used
-        self.__dict__["_packed"] = packed  # Properties.__setattr__ only admits MQTT property names
-
-    def pack(self) -> bytes:
-        return self._packed
-
-    def __repr__(self) -> str:
-        return f"_PublishProperties({self._packed!r})"
-
-    __str__ = __repr__
 
 
 def _publish_properties(expiry: int | None, correlation_data: bytes | None, publication_id: str) -> Properties:
@@ -211,7 +54,7 @@ def _publish_properties(expiry: int | None, correlation_data: bytes | None, publ
     parts += (_PUBLICATION_ID_PROPERTY, len(identifier).to_bytes(2, "big"), identifier)
     body = b"".join(parts)
     size = len(body)
-    return _PublishProperties((bytes((size,)) if size < 128 else _variable_byte_integer(size)) + body)
+    return PackedProperties((bytes((size,)) if size < 128 else _variable_byte_integer(size)) + body)
 
 
 @functools.lru_cache(maxsize=64)
@@ -360,6 +203,11 @@ class MqttLink:
         self.published += 1
         return info.mid
 
+    @property
+    def fast_path_packets(self) -> tuple[int, int]:
+        """PUBLISH and PUBACK packets the client parsed itself rather than through paho (see supervisor.fastpaho)."""
+        return self._client.fast_publishes, self._client.fast_pubacks
+
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge inbound message `mid` (QoS 1 or 2) to the broker."""
         self._client.ack(mid, qos)
@@ -388,16 +236,9 @@ class MqttLink:
 
     # Connecting ---------------------------------------------------------------------------------------------------
 
-    def _build_client(self, password: Secret | None) -> _BufferedClient:
+    def _build_client(self, password: Secret | None) -> BufferedClient:
         config = self.config
-        client = _BufferedClient(
-            CallbackAPIVersion.VERSION2,
-            client_id=config.client_id,
-            protocol=paho.MQTTv5 if self._v5 else paho.MQTTv311,
-            clean_session=None if self._v5 else False,
-            reconnect_on_failure=False,
-            manual_ack=True,  # acknowledged once handled: see supervisor.delivery
-        )
+        client = new_client(config.client_id, self._v5)
         client.max_queued_messages_set(0)  # QoS >= 1 publications are all kept (and in the outbox on disk)
         client.connect_timeout = config.connect_timeout_seconds
         if config.username:
@@ -661,12 +502,11 @@ class MqttLink:
         """The broker dropped the connection for a packet too large: give up the publications that cannot be it,
         or else it happens again on every connection (paho sends unconfirmed publications again)."""
         limit = self.max_packet_size
-        sizes = [len(m.payload) for m in self._client._out_messages.values() if m.qos > 0]
-        largest = max(sizes, default=-1)
+        largest = max((len(message.payload) for message in self._client.unconfirmed()), default=-1)
 
         def chosen(message: paho.MQTTMessage) -> bool:
-            if limit is not None:
-                return _packet_size(len(message._topic), len(message.payload)) > limit
+            if limit is not None:  # paho encoded the topic from a str: it decodes back to the same bytes
+                return _packet_size(len(message.topic.encode()), len(message.payload)) > limit
             return len(message.payload) == largest  # the broker named no limit: the largest is the likeliest
 
         refused = self._client.refuse_unconfirmed(chosen, _PACKET_TOO_LARGE)
