@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -109,51 +110,44 @@ class MqttLink:
         self.publish_errors = 0
         self.received = 0  # messages from the broker
         self.published = 0  # publications handed to the broker
-        self._subscriptions: list[tuple[str, int, int]] = []
-        self._numbered = False
-        self._unacknowledged: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its filters
         self._born = False  # birth published on this connection
         self._stopping = False
-        self._delay = config.reconnect_min_seconds
-        self._retry: TimerHandle | None = None
-        self._connect_deadline: TimerHandle | None = None
-        self._connecting: socket.socket | None = None  # a TCP connection under way
         self._ever_connected = False
-        self._last_problem: tuple[str, float] | None = None
-        self._quiet = False  # the last problem was a repeat, logged at debug level only
         self._connected_at = 0.0
         self._v5 = config.protocol == 5
         self.max_packet_size: int | None = None  # MQTT 5: what the broker said it takes, on this connection
         self._id_prefix = os.urandom(6).hex()  # this run's: ids stay unique across restarts and supervisors
         self._id_count = itertools.count(1)
         self._client = self._build_client(password)
+        self._subscriptions = _Subscriptions(self._client, self._v5)
+        self._connector = _Connector(config, loop, self._client, lambda: self.connected)
 
     # Public API ---------------------------------------------------------------------------------------------------
 
-    def subscribe(self, filters: list[tuple[str, int, int]], numbered: bool) -> None:
-        """Set the (filter, qos, identifier) subscriptions made on every connect (before it, or on the next one).
+    def subscribe(self, filters: list[tuple[str, int, int]], with_ids: bool) -> None:
+        """Set the (filter, qos, subscription id) subscriptions made on every connect (before it, or on the next).
 
         Under MQTT 5 the filters are subscribed with No Local (except shared subscriptions), each with its
-        identifier when `numbered`; under 3.1.1 the identifiers are never sent.
+        subscription id when `with_ids`; under 3.1.1 the ids are never sent.
         """
-        self._subscriptions = list(filters)
-        self._numbered = numbered
+        self._subscriptions.filters = list(filters)
+        self._subscriptions.with_ids = with_ids
 
     def subscribe_again(self) -> None:
         """Send every subscription again now (if connected): after `subscribe` changed them while connected."""
         if self.connected:
-            self._send_subscriptions(self._subscriptions)
+            self._subscriptions.send(self._subscriptions.filters)
 
-    def add_subscription(self, topic_filter: str, qos: int, identifier: int) -> None:
+    def add_subscription(self, topic_filter: str, qos: int, sub_id: int) -> None:
         """Subscribe to one more filter, now if connected, and on every connect from now on."""
-        self._subscriptions.append((topic_filter, qos, identifier))
+        self._subscriptions.filters.append((topic_filter, qos, sub_id))
         if self.connected:
-            self._send_subscriptions([(topic_filter, qos, identifier)])
+            self._subscriptions.send([(topic_filter, qos, sub_id)])
 
     def start(self) -> None:
         """Connect now, and keep reconnecting until `stop`. The owner calls `flush` at the end of every wake-up."""
         self.loop.call_later(_MISC_INTERVAL, self._misc)
-        self._connect()
+        self._connector.connect()
 
     def size_problem(self, topic: str, payload: bytes) -> str | None:
         """Why a publication is too large for the broker (which would drop the connection for it), or None."""
@@ -215,12 +209,7 @@ class MqttLink:
     def stop(self, timeout: float = 2.0) -> None:
         """Publish the will payload ourselves (a clean disconnect suppresses the will), then disconnect."""
         self._stopping = True
-        for timer in (self._retry, self._connect_deadline):
-            if timer is not None:
-                timer.cancel()
-        if self._connecting is not None:
-            self._forget_socket(self._connecting)
-            self._connecting.close()
+        self._connector.stop()
         if not self.connected:
             self._client.disconnect()
             return
@@ -274,129 +263,6 @@ class MqttLink:
         client.on_publish = self._on_publish
         return client
 
-    def _connect(self) -> None:
-        """Start a TCP connection without blocking the loop; `_tcp_connected` takes over when it is made."""
-        self._retry = None
-        if self._stopping:
-            return
-        try:
-            family, kind, protocol, _, address = socket.getaddrinfo(
-                self.config.host, self.config.port, type=socket.SOCK_STREAM
-            )[0]
-            sock = socket.socket(family, kind, protocol)
-        except OSError as exc:
-            self._problem(f"cannot reach the broker at {self._where}: {exc}")
-            self._schedule_reconnect()
-            return
-        sock.setblocking(False)
-        error = sock.connect_ex(address)
-        if error not in (0, errno.EINPROGRESS):
-            sock.close()
-            self._unreachable(error)
-            return
-        self._connecting = sock
-        self.loop.add_writer(sock, self._tcp_connected)
-        self._connect_deadline = self.loop.call_later(self.config.connect_timeout_seconds, self._connect_timed_out)
-
-    def _tcp_connected(self) -> None:
-        sock, self._connecting = self._connecting, None
-        assert sock is not None
-        self.loop.remove_writer(sock)
-        self._cancel_deadline()
-        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
-            sock.close()
-            self._unreachable(error)
-            return
-        self._client.use_connected_socket(sock)
-        try:
-            self._client.reconnect()  # TLS handshake (if any) and CONNECT on the socket just made
-        except (OSError, ssl.SSLError) as exc:
-            self._problem(f"cannot reach the broker at {self._where}: {exc}")
-            self._schedule_reconnect()
-            return
-        self._connect_deadline = self.loop.call_later(self.config.keepalive_seconds, self._connect_timed_out)
-
-    def _unreachable(self, error: int) -> None:
-        self._problem(f"cannot reach the broker at {self._where}: {os.strerror(error)}")
-        # A refused connection (the broker is restarting, or the port is closed) costs a SYN and a RST: retry it at
-        # the shortest interval, so the supervisor is back within reconnect_min_seconds of the broker.
-        self._schedule_reconnect(backoff=error != errno.ECONNREFUSED)
-
-    def _connect_timed_out(self) -> None:
-        self._connect_deadline = None
-        if self._connecting is not None:
-            self._forget_socket(self._connecting)
-            self._connecting.close()
-            self._connecting = None
-            self._problem(
-                f"the broker at {self._where} did not accept a connection within "
-                f"{self.config.connect_timeout_seconds:g} s"
-            )
-        elif not self.connected:
-            self._problem(f"the broker at {self._where} did not answer CONNECT")
-        self._schedule_reconnect()  # reconnect() closes a silent paho socket first
-
-    def _cancel_deadline(self) -> None:
-        if self._connect_deadline is not None:
-            self._connect_deadline.cancel()
-            self._connect_deadline = None
-
-    def _schedule_reconnect(self, backoff: bool = True) -> None:
-        if self._stopping or self._retry is not None:
-            return
-        delay = self._delay if backoff else self.config.reconnect_min_seconds
-        if backoff:
-            self._delay = min(self._delay * 2, self.config.reconnect_max_seconds)
-        self._retry = self.loop.call_later(delay, self._connect)
-
-    @property
-    def _where(self) -> str:
-        return f"{self.config.host}:{self.config.port}"
-
-    def _problem(self, text: str) -> None:
-        """Log a connection problem: at once when it is new, then at most once a minute while it lasts.
-
-        The problem counts as over once a connection has stayed up for a while (see `_misc`).
-        """
-        now = self.loop.clock()
-        self._quiet = False
-        if self._last_problem is None or self._last_problem[0] != text:
-            log.warning(
-                "%s; retrying every %g-%g s",
-                text,
-                self.config.reconnect_min_seconds,
-                self.config.reconnect_max_seconds,
-            )
-        elif now - self._last_problem[1] < _REPEAT_LOG_SECONDS:
-            log.debug("%s", text)
-            self._quiet = True
-            return
-        else:
-            log.warning("still: %s", text)
-        self._last_problem = (text, now)
-
-    def _send_subscriptions(self, subscriptions: list[tuple[str, int, int]]) -> None:
-        if not self._v5:
-            if subscriptions:
-                filters = [f for f, _, _ in subscriptions]
-                self._track(filters, self._client.subscribe([(f, qos) for f, qos, _ in subscriptions]))
-            return
-        for topic_filter, qos, identifier in subscriptions:
-            properties = None
-            if self._numbered:
-                properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
-                properties.SubscriptionIdentifier = identifier
-            options = SubscribeOptions(qos=qos, noLocal=not topic_filter.startswith("$share/"))
-            self._track([topic_filter], self._client.subscribe(topic_filter, options=options, properties=properties))
-
-    def _track(self, filters: list[str], result: tuple[int, int | None]) -> None:
-        rc, mid = result
-        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
-            log.warning("subscribing to %s failed: %s", ", ".join(filters), paho.error_string(rc))
-            return
-        self._unacknowledged[mid] = filters
-
     # Driving paho from the loop -----------------------------------------------------------------------------------
 
     def _readable(self) -> None:
@@ -432,7 +298,7 @@ class MqttLink:
 
     def _misc(self) -> None:
         if self.connected and self.loop.clock() - self._connected_at >= _STABLE_CONNECTION_SECONDS:
-            self._last_problem = None
+            self._connector.stable()
         self._client.loop_misc()
         self.loop.call_later(_MISC_INTERVAL, self._misc)
 
@@ -451,12 +317,12 @@ class MqttLink:
         self._forget_socket(sock)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any) -> None:
-        self._cancel_deadline()
+        self._connector.cancel_deadline()
         if reason.is_failure:
-            self._problem(f"the broker at {self.config.host}:{self.config.port} refused the connection: {reason}")
+            self._connector.problem(f"the broker at {self._connector.where} refused the connection: {reason}")
             return  # the broker closes the connection; _on_disconnect schedules the retry
         log.log(
-            logging.DEBUG if self._quiet else logging.INFO,
+            logging.DEBUG if self._connector.quiet else logging.INFO,
             "connected to %s:%d (session present: %s)",
             self.config.host,
             self.config.port,
@@ -468,11 +334,10 @@ class MqttLink:
         if self._ever_connected:
             self.reconnects += 1
         self._ever_connected = True
-        self._delay = self.config.reconnect_min_seconds
-        self._unacknowledged.clear()
+        self._connector.up()
         self._born = False
-        self._send_subscriptions(self._subscriptions)
-        if not self._unacknowledged:
+        self._subscriptions.unacknowledged.clear()
+        if not self._subscriptions.send(self._subscriptions.filters):
             self._publish_birth()  # else once the broker has acknowledged every subscription
         self.listener.link_connected(flags.session_present)
 
@@ -494,9 +359,9 @@ class MqttLink:
                 text = f"disconnected from the broker: {reason}"
                 if self.loop.clock() - self._connected_at < _STABLE_CONNECTION_SECONDS:
                     text += f" soon after connecting (is another client using client id {self.config.client_id!r}?)"
-                self._problem(text)
+                self._connector.problem(text)
             self.listener.link_disconnected(str(reason))
-        self._schedule_reconnect()
+        self._connector.schedule()
 
     def _refuse_oversized(self) -> None:
         """The broker dropped the connection for a packet too large: give up the publications that cannot be it,
@@ -516,12 +381,7 @@ class MqttLink:
     def _on_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Any
     ) -> None:
-        filters = self._unacknowledged.pop(mid, [])
-        for topic_filter, reason in zip(filters, reasons, strict=False):
-            if reason.is_failure:
-                log.warning("the broker refused the subscription to %s: %s", topic_filter, reason)
-        if filters and not self._unacknowledged:
-            log.info("subscribed to %d topic filter(s)", len(self._subscriptions))
+        if self._subscriptions.acknowledged(mid, reasons):
             self._publish_birth()
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
@@ -536,32 +396,223 @@ class MqttLink:
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         """A PUBLISH that paho decoded: one with properties (MQTT 5), at QoS 2, or with a topic that is not UTF-8."""
+        self.received += 1
         try:
-            topic = msg.topic
+            incoming = _incoming(msg)
         except UnicodeDecodeError:
-            self.received += 1
             self.listener.bad_message("topic is not valid UTF-8")
             return
-        properties = msg.properties
-        if properties is None:  # MQTT 3.1.1 at QoS 2
-            self._on_plain_publish(topic, bytes(msg.payload), msg.qos, msg.retain, msg.mid)
-            return
-        self.received += 1
-        correlation = getattr(properties, "CorrelationData", None)
-        user = getattr(properties, "UserProperty", ())
-        publication_id = next((value for key, value in user if key == PUBLICATION_ID_KEY), None)
-        incoming = Incoming(
-            topic=topic,
-            payload=bytes(msg.payload),
-            qos=msg.qos,
-            retain=msg.retain,
-            mid=msg.mid,
-            response_topic=getattr(properties, "ResponseTopic", None),
-            correlation_data=bytes(correlation) if correlation is not None else None,
-            subscription_ids=tuple(getattr(properties, "SubscriptionIdentifier", ())),
-            publication_id=publication_id if isinstance(publication_id, str) else None,
-        )
         self.listener.message_received(incoming)
+
+
+def _incoming(msg: paho.MQTTMessage) -> Incoming:
+    """A message paho decoded, as ours; raises UnicodeDecodeError for a topic that is not UTF-8."""
+    topic = msg.topic
+    properties = msg.properties
+    if properties is None:  # MQTT 3.1.1 at QoS 2
+        return Incoming(topic=topic, payload=bytes(msg.payload), qos=msg.qos, retain=msg.retain, mid=msg.mid)
+    correlation = getattr(properties, "CorrelationData", None)
+    user = getattr(properties, "UserProperty", ())
+    publication_id = next((value for key, value in user if key == PUBLICATION_ID_KEY), None)
+    return Incoming(
+        topic=topic,
+        payload=bytes(msg.payload),
+        qos=msg.qos,
+        retain=msg.retain,
+        mid=msg.mid,
+        response_topic=getattr(properties, "ResponseTopic", None),
+        correlation_data=bytes(correlation) if correlation is not None else None,
+        subscription_ids=tuple(getattr(properties, "SubscriptionIdentifier", ())),
+        publication_id=publication_id if isinstance(publication_id, str) else None,
+    )
+
+
+class _Subscriptions:
+    """The link's subscriptions: the filters subscribed on every connect, and the SUBSCRIBE packets the broker has
+    not acknowledged yet (the birth waits for them)."""
+
+    def __init__(self, client: BufferedClient, v5: bool) -> None:
+        self.client = client
+        self.v5 = v5
+        self.filters: list[tuple[str, int, int]] = []  # (filter, qos, subscription id)
+        self.with_ids = False
+        self.unacknowledged: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its filters
+
+    def send(self, subscriptions: list[tuple[str, int, int]]) -> bool:
+        """Send SUBSCRIBE packets for `subscriptions`; whether any is now waiting for the broker's answer."""
+        if not self.v5:
+            if subscriptions:
+                filters = [f for f, _, _ in subscriptions]
+                self._track(filters, self.client.subscribe([(f, qos) for f, qos, _ in subscriptions]))
+            return bool(self.unacknowledged)
+        for topic_filter, qos, sub_id in subscriptions:
+            properties = None
+            if self.with_ids:
+                properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+                properties.SubscriptionIdentifier = sub_id
+            options = SubscribeOptions(qos=qos, noLocal=not topic_filter.startswith("$share/"))
+            self._track([topic_filter], self.client.subscribe(topic_filter, options=options, properties=properties))
+        return bool(self.unacknowledged)
+
+    def acknowledged(self, mid: int, reasons: list[ReasonCode]) -> bool:
+        """The broker answered SUBSCRIBE `mid`; True when that was the last one it owed."""
+        filters = self.unacknowledged.pop(mid, [])
+        for topic_filter, reason in zip(filters, reasons, strict=False):
+            if reason.is_failure:
+                log.warning("the broker refused the subscription to %s: %s", topic_filter, reason)
+        if filters and not self.unacknowledged:
+            log.info("subscribed to %d topic filter(s)", len(self.filters))
+            return True
+        return False
+
+    def _track(self, filters: list[str], result: tuple[int, int | None]) -> None:
+        rc, mid = result
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            log.warning("subscribing to %s failed: %s", ", ".join(filters), paho.error_string(rc))
+            return
+        self.unacknowledged[mid] = filters
+
+
+class _Connector:
+    """Connecting without blocking the loop: a TCP connection made in the loop, then paho's CONNECT over it, each
+    with a deadline; retries with exponential backoff (a refused connection at the shortest interval); each
+    connection problem logged when new, then at most once a minute."""
+
+    def __init__(self, config: MqttConfig, loop: Loop, client: BufferedClient, connected: Callable[[], bool]) -> None:
+        self.config = config
+        self.loop = loop
+        self.client = client
+        self.connected = connected
+        self.stopping = False
+        self.quiet = False  # the last problem was a repeat, logged at debug level only
+        self._delay = config.reconnect_min_seconds
+        self._retry: TimerHandle | None = None
+        self._connect_deadline: TimerHandle | None = None
+        self._connecting: socket.socket | None = None  # a TCP connection under way
+        self._last_problem: tuple[str, float] | None = None
+
+    def up(self) -> None:
+        """The broker accepted the connection: the next retry waits the shortest time again."""
+        self.cancel_deadline()
+        self._delay = self.config.reconnect_min_seconds
+
+    def stable(self) -> None:
+        """The connection has stayed up a while: the last problem is over."""
+        self._last_problem = None
+
+    def stop(self) -> None:
+        """No more connecting: cancel what is scheduled, and drop a TCP connection under way."""
+        self.stopping = True
+        for timer in (self._retry, self._connect_deadline):
+            if timer is not None:
+                timer.cancel()
+        if self._connecting is not None:
+            self.loop.remove_reader(self._connecting)
+            self.loop.remove_writer(self._connecting)
+            self._connecting.close()
+
+    def connect(self) -> None:
+        """Start a TCP connection without blocking the loop; `_tcp_connected` takes over when it is made."""
+        self._retry = None
+        if self.stopping:
+            return
+        try:
+            family, kind, protocol, _, address = socket.getaddrinfo(
+                self.config.host, self.config.port, type=socket.SOCK_STREAM
+            )[0]
+            sock = socket.socket(family, kind, protocol)
+        except OSError as exc:
+            self.problem(f"cannot reach the broker at {self.where}: {exc}")
+            self.schedule()
+            return
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        if error not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._unreachable(error)
+            return
+        self._connecting = sock
+        self.loop.add_writer(sock, self._tcp_connected)
+        self._connect_deadline = self.loop.call_later(self.config.connect_timeout_seconds, self._connect_timed_out)
+
+    def _tcp_connected(self) -> None:
+        sock, self._connecting = self._connecting, None
+        assert sock is not None
+        self.loop.remove_writer(sock)
+        self.cancel_deadline()
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            sock.close()
+            self._unreachable(error)
+            return
+        self.client.use_connected_socket(sock)
+        try:
+            self.client.reconnect()  # TLS handshake (if any) and CONNECT on the socket just made
+        except (OSError, ssl.SSLError) as exc:
+            self.problem(f"cannot reach the broker at {self.where}: {exc}")
+            self.schedule()
+            return
+        self._connect_deadline = self.loop.call_later(self.config.keepalive_seconds, self._connect_timed_out)
+
+    def _unreachable(self, error: int) -> None:
+        self.problem(f"cannot reach the broker at {self.where}: {os.strerror(error)}")
+        # A refused connection (the broker is restarting, or the port is closed) costs a SYN and a RST: retry it at
+        # the shortest interval, so the supervisor is back within reconnect_min_seconds of the broker.
+        self.schedule(backoff=error != errno.ECONNREFUSED)
+
+    def _connect_timed_out(self) -> None:
+        self._connect_deadline = None
+        if self._connecting is not None:
+            self.loop.remove_reader(self._connecting)
+            self.loop.remove_writer(self._connecting)
+            self._connecting.close()
+            self._connecting = None
+            self.problem(
+                f"the broker at {self.where} did not accept a connection within "
+                f"{self.config.connect_timeout_seconds:g} s"
+            )
+        elif not self.connected():
+            self.problem(f"the broker at {self.where} did not answer CONNECT")
+        self.schedule()  # reconnect() closes a silent paho socket first
+
+    def cancel_deadline(self) -> None:
+        if self._connect_deadline is not None:
+            self._connect_deadline.cancel()
+            self._connect_deadline = None
+
+    def schedule(self, backoff: bool = True) -> None:
+        if self.stopping or self._retry is not None:
+            return
+        delay = self._delay if backoff else self.config.reconnect_min_seconds
+        if backoff:
+            self._delay = min(self._delay * 2, self.config.reconnect_max_seconds)
+        self._retry = self.loop.call_later(delay, self.connect)
+
+    @property
+    def where(self) -> str:
+        return f"{self.config.host}:{self.config.port}"
+
+    def problem(self, text: str) -> None:
+        """Log a connection problem: at once when it is new, then at most once a minute while it lasts.
+
+        The problem counts as over once a connection has stayed up for a while (`stable`).
+        """
+        now = self.loop.clock()
+        self.quiet = False
+        if self._last_problem is None or self._last_problem[0] != text:
+            log.warning(
+                "%s; retrying every %g-%g s",
+                text,
+                self.config.reconnect_min_seconds,
+                self.config.reconnect_max_seconds,
+            )
+        elif now - self._last_problem[1] < _REPEAT_LOG_SECONDS:
+            log.debug("%s", text)
+            self.quiet = True
+            return
+        else:
+            log.warning("still: %s", text)
+        self._last_problem = (text, now)
 
 
 def _packet_size(topic_bytes: int, payload_bytes: int) -> int:
