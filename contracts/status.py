@@ -38,6 +38,13 @@ class WorkerFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     event_count: int | None = None
     fields: dict[str, Any] | None = None  # the worker's own (`ctx.report_status(**fields)`): plain JSON values
 
+    def merged(self, new: WorkerFacts) -> WorkerFacts:
+        """These facts with what `new` sets (its None fields leave these as they are; `fields` merge by key)."""
+        changes = {name: value for name in new.__struct_fields__ if (value := getattr(new, name)) is not None}
+        if new.fields is not None:
+            changes["fields"] = {**(self.fields or {}), **new.fields}
+        return msgspec.structs.replace(self, **changes)
+
 
 class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One worker's entry. The fields with defaults appear only where they apply: the facts the worker itself

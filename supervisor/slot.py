@@ -168,10 +168,7 @@ class WorkerSlot:
 
     def report(self, facts: WorkerFacts) -> None:
         """Take the fields the worker set; the others keep their last value. A run's outcome is one outcome."""
-        changes = {name: value for name in facts.__struct_fields__ if (value := getattr(facts, name)) is not None}
-        if facts.fields is not None:
-            changes["fields"] = {**(self.facts.fields or {}), **facts.fields}
-        self.facts = msgspec.structs.replace(self.facts, **changes)
+        self.facts = self.facts.merged(facts)
         if facts.last_run_ok is not None:
             self.outcomes.append(facts.last_run_ok)
 

@@ -160,14 +160,7 @@ class WorkerHarness(Generic[W]):
                 case EntitiesDeclared(entities=entities):
                     self.entities = [msgspec.json.decode(e.config) for e in entities]
                 case StatusReported(facts=facts):
-                    self.status = _merged(self.status, facts)
+                    self.status = self.status.merged(facts)
                 case Subscribe(topic_filter=topic_filter, qos=qos):
                     self.subscribed.append((topic_filter, qos))
         self.ctx.outgoing.clear()
-
-
-def _merged(old: WorkerFacts, new: WorkerFacts) -> WorkerFacts:
-    changes = {name: value for name in new.__struct_fields__ if (value := getattr(new, name)) is not None}
-    if new.fields is not None:
-        changes["fields"] = {**(old.fields or {}), **new.fields}
-    return msgspec.structs.replace(old, **changes)
