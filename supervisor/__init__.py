@@ -5,6 +5,7 @@ workers and imports nothing of this package. The modules named `worker_*` run in
 `testing` runs them in a test's.
 
     cli             the command line: parse arguments, load config, run, exit codes
+    ctl             the command line's `ctl`: ask the running supervisor through its control API
     testing         a harness for testing a worker's hooks in one process
     core            the Supervisor: the wiring of the parts below and the order of a wake-up
     pool            the worker pool: every worker's slot and the life of its processes

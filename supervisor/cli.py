@@ -1,7 +1,8 @@
-"""The command line: `python -m supervisor --config PATH [--check-config] [--version] [--log-level LEVEL]`.
+"""The command line: `python -m supervisor --config PATH [--check-config] [--version] [--log-level LEVEL]`, and
+`python -m supervisor --config PATH ctl ACTION [WORKER]` to ask the running supervisor (`supervisor.ctl`).
 
 Exit codes: 0 clean stop (or a valid config with --check-config), 2 bad command line or config, 1 fatal error at
-run time.
+run time (for ctl, see `supervisor.ctl`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     from supervisor.worker_process import name_process
 
     environ = dict(os.environ) | secrets.take_handover(os.environ)
+    if args.command == "ctl":
+        from supervisor import ctl
+
+        try:
+            settings = config.load(args.config, environ)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return ctl.run(settings, args.action, args.worker, args.timeout)
     try:
         settings = config.load(args.config, environ)
         if argv is None and not args.check_config:  # no secret may stay in the environment block workers inherit
@@ -86,4 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
         help="log level (default INFO)",
     )
+    commands = parser.add_subparsers(dest="command", metavar="ctl")
+    ctl = commands.add_parser("ctl", help="ask the running supervisor (status, restart, stop, start, republish)")
+    ctl.add_argument("action", choices=["status", "restart", "stop", "start", "republish"])
+    ctl.add_argument("worker", nargs="?", help="the worker, for restart, stop and start")
+    ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
     return parser

@@ -3,9 +3,10 @@
 A request carries JSON, `{"worker": "<name>"}` for `restart`, `stop` and `start`, nothing for `status` and
 `republish` (status and availability published again). The reply is JSON, `{"ok": true, ...}` or
 `{"ok": false, "error": "..."}`, sent to the request's MQTT 5 response topic with its correlation data, or else to
-`<base>/response/<action>`. A press on `<base>/cmd/<worker>/restart` (Home Assistant's restart button) restarts that
-worker and has no reply; the worker's other commands go to the worker itself. Both are command topics: retained
-messages are ignored. Workers reach this API too, by publishing a request (it is delivered locally).
+`<base>/response/<action>`, with the request's `transaction` field if it had one (so that an MQTT 3.1.1 client can
+match it). A press on `<base>/cmd/<worker>/restart` (Home Assistant's restart button) restarts that worker and has
+no reply; the worker's other commands go to the worker itself. Both are command topics: retained messages are
+ignored. Workers reach this API too, by publishing a request (it is delivered locally).
 """
 
 from __future__ import annotations
@@ -84,11 +85,15 @@ class ControlAPI:
             answer: dict[str, Any] = {"ok": True, **body}
         except ControlError as exc:
             answer = {"ok": False, "error": str(exc)}
+        transaction = _transaction(message.payload)
+        if transaction is not None:  # what lets an MQTT 3.1.1 client (no correlation data) match the answer
+            answer["transaction"] = transaction
         log.info("control request %s: %s", action, "ok" if answer["ok"] else answer["error"])
         topic = message.response_topic or self.site.response_topic(action)
         self.reply(topic, json.dumps(answer).encode(), message.correlation_data)
 
     def _carry_out(self, action: str, payload: bytes) -> dict[str, Any]:
+        """What `action` answers; raises ControlError."""
         if action == "status":
             return {"status": self.status.document()}
         if action == "republish":
@@ -109,3 +114,16 @@ class ControlAPI:
         if not isinstance(worker, str):
             raise ControlError(f'expected {{"worker": "<name>"}}, got {payload[:80]!r}')
         return {"worker": worker, "state": commands[action](worker)}
+
+
+def _transaction(payload: bytes) -> str | int | None:
+    """The request's `transaction` field, echoed in the answer (Zigbee2MQTT's convention), when it is a short text
+    or an integer."""
+    try:
+        request = _request_decoder.decode(payload) if payload else None
+    except msgspec.DecodeError:
+        return None
+    value = request.get("transaction") if isinstance(request, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return value if isinstance(value, str) and len(value) <= 64 else None

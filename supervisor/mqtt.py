@@ -17,11 +17,13 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -622,3 +624,61 @@ def _packet_size(topic_bytes: int, payload_bytes: int) -> int:
 
 def _ignore(client: paho.Client, userdata: Any, sock: Any) -> None:
     """paho's write-interest callbacks: the link decides about writing itself."""
+
+
+def request(
+    config: MqttConfig,
+    password: Secret | None,
+    topic: str,
+    payload: bytes,
+    answer_topic: str,
+    is_answer: Callable[[bytes], bool],
+    timeout: float,
+) -> bytes | None:
+    """One request to the running supervisor and its answer, for the command line (`supervisor.ctl`); None when
+    no answer came within `timeout` seconds. Raises OSError when the broker cannot be reached.
+
+    A client of its own, never the supervisor's client id (the broker would disconnect the supervisor): that id plus
+    `-ctl-<random>`, with a clean session. Under MQTT 5 the answer is the message on `answer_topic` with this
+    request's correlation data; under 3.1.1 (no correlation data) the one on `answer_topic` that `is_answer` takes.
+    """
+    v5 = config.protocol == 5
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"{config.client_id}-ctl-{os.urandom(4).hex()}",
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        reconnect_on_failure=False,
+    )
+    if config.username:
+        client.username_pw_set(config.username, password.reveal() if password else None)
+    if config.tls.enabled:
+        client.tls_set(ca_certs=config.tls.ca_file, certfile=config.tls.cert_file, keyfile=config.tls.key_file)
+        client.tls_insecure_set(config.tls.insecure)
+    correlation = os.urandom(8)
+    answers: list[bytes] = []
+    subscribed: list[int] = []
+
+    def on_message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        ours = getattr(msg.properties, "CorrelationData", None) == correlation if v5 else is_answer(bytes(msg.payload))
+        if ours:
+            answers.append(bytes(msg.payload))
+
+    client.on_message = on_message
+    client.on_subscribe = lambda client, userdata, mid, reasons, properties: subscribed.append(mid)
+    client.connect(config.host, config.port, keepalive=config.keepalive_seconds)
+    deadline = time.monotonic() + timeout
+    try:
+        client.subscribe(answer_topic, qos=1)
+        while not subscribed and time.monotonic() < deadline:
+            client.loop(timeout=0.05)
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            properties.ResponseTopic = answer_topic
+            properties.CorrelationData = correlation
+        client.publish(topic, payload, qos=1, properties=properties)
+        while not answers and time.monotonic() < deadline:
+            client.loop(timeout=0.05)
+    finally:
+        client.disconnect()
+    return answers[0] if answers else None

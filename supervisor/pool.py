@@ -176,7 +176,7 @@ class WorkerPool:
                 slot.errors[ErrorKind.START] += 1
                 log.error("worker %s could not start: %s", slot.name, error)
             case Started(pid=pid):
-                slot.running(now)
+                slot.running(now, datetime.now(UTC).isoformat(timespec="seconds"))
                 self.events.entities_declared(slot.name, None)  # what it declared in on_start came before
                 log.info("worker %s running (pid %d)", slot.name, pid)
             case EntitiesDeclared(entities=entities):

@@ -99,6 +99,7 @@ class WorkerSlot:
     last_exit_time: str | None = None  # ISO 8601
     last_crash: str | None = None  # the last exit nobody asked for, as last_exit says it
     last_crash_time: str | None = None  # ISO 8601
+    running_since: str | None = None  # ISO 8601: when its process finished starting; None while it has none
     last_seen: float = 0.0  # when the process last sent anything
     progress_at: float = 0.0  # since when the oldest in-flight message has been the one to wait for
     in_handler: Any = None  # the shared word each of its processes writes (`processes.shared_word`), made once
@@ -121,10 +122,11 @@ class WorkerSlot:
         self.state = WorkerState.STARTING
         self.last_seen = now
 
-    def running(self, now: float) -> None:
-        """Its process finished `on_start`."""
+    def running(self, now: float, time: str) -> None:
+        """Its process finished `on_start` (at ISO `time`)."""
         if self.state is WorkerState.STARTING:
             self.state = WorkerState.RUNNING
+            self.running_since = time
         self.tracker.started(now)
 
     def stopping(self, timer: TimerHandle) -> None:
@@ -137,6 +139,7 @@ class WorkerSlot:
         """Its process is gone: `description` of its exit, ISO `time`; `stopping`: the supervisor stops (then
         nothing is a crash). Its state is decided next: `backing_off`, `stopped` or `failed`."""
         self.process = None
+        self.running_since = None
         self.outgoing.clear()
         self.cancel_timer()
         self.last_exit, self.last_exit_time = f"{description} ({reason})", time

@@ -189,6 +189,7 @@ def _worker_status(slot: WorkerSlot) -> WorkerStatus:
         last_exit_time=slot.last_exit_time,
         last_crash=slot.last_crash,
         last_crash_time=slot.last_crash_time,
+        running_since=slot.running_since,
         errors=dict(slot.errors),
         error_count=sum(slot.errors.values()),
         handled=slot.handled,
