@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    for error in settings.broken_modules.values():  # reported and skipped: they stop nothing else
+        logging.getLogger("supervisor").warning("skipped a worker module that cannot be used: %s", error)
     if args.check_config:
         enabled = ", ".join(w.name for w in settings.workers) or "none"
         found = ", ".join(settings.available_workers) or "none"

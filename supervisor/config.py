@@ -190,6 +190,8 @@ class Settings:
     state_dir: Path
     workers: tuple[WorkerSettings, ...]
     available_workers: tuple[str, ...]
+    # The worker modules that could not be used (module name -> the error), skipped: see `registry.discover`.
+    broken_modules: dict[str, str] = field(default_factory=dict)
     # Every environment variable holding a secret: the MQTT password's, and those any worker section names.
     secret_variables: frozenset[str] = frozenset()
 
@@ -204,10 +206,14 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
     file = _convert(raw, ConfigFile, source, "")
     mqtt = _resolve_mqtt(file.mqtt, file.supervisor.base_topic, environ, source)
     _check_values(file, mqtt, source)
-    available = discover(file.supervisor.worker_packages)
+    broken: dict[str, str] = {}
+    available = discover(file.supervisor.worker_packages, broken)
     for worker_class in available.values():
         _check_reserved_keys(worker_class)
-    workers = tuple(_worker_settings(name, section, available, source) for name, section in file.workers.items())
+    sections = file.workers.items()
+    workers = tuple(
+        w for w in (_worker_settings(name, section, available, broken, source) for name, section in sections) if w
+    )
     workers = tuple(
         dataclasses.replace(w, environment={n: Secret(environ[n]) for n in w.secret_names if n in environ})
         for w in workers
@@ -227,6 +233,7 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
             | {name for w in workers for name in w.secret_names}
         ),
         available_workers=tuple(available),
+        broken_modules=broken,
     )
 
 
@@ -402,17 +409,25 @@ def _worker_settings(
     name: str,
     section: dict[str, Any],
     available: dict[str, type[Worker]],  # type: ignore[type-arg]
+    broken: dict[str, str],
     source: str,
-) -> WorkerSettings:
+) -> WorkerSettings | None:
+    """The settings of section `[workers.<name>]`; None for a disabled section whose worker's module is broken."""
     table = f"workers.{name}"
     supervision_keys = {k: v for k, v in section.items() if k in SUPERVISION_KEYS}
     own_keys = {k: v for k, v in section.items() if k not in SUPERVISION_KEYS}
     supervision = _convert(supervision_keys, WorkerSupervision, source, table)
     kind = supervision.worker or name
     if kind not in available:
-        found = ", ".join(available) or "none"
         key = f"[{table}] worker" if supervision.worker else f"[{table}]"
-        raise ConfigError(source, key, f"no worker named {kind!r}; workers found: {found}")
+        its_module = next((error for module, error in broken.items() if module.rsplit(".", 1)[-1] == kind), None)
+        if its_module is not None:
+            if not supervision.enabled:
+                return None
+            raise ConfigError(source, key, f"its worker {kind!r} cannot be loaded: {its_module}")
+        found = ", ".join(available) or "none"
+        skipped = f" (skipped, not importable: {', '.join(broken)})" if broken else ""
+        raise ConfigError(source, key, f"no worker named {kind!r}; workers found: {found}{skipped}")
     worker_class = available[kind]
     if supervision.backoff_max_seconds < supervision.backoff_min_seconds:
         raise ConfigError(

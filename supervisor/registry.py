@@ -7,6 +7,7 @@ import inspect
 import pkgutil
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 from contracts import Worker
 from supervisor.errors import ConfigError
@@ -14,15 +15,19 @@ from supervisor.errors import ConfigError
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def discover(packages: Sequence[str]) -> dict[str, type[Worker]]:  # type: ignore[type-arg]
+def discover(
+    packages: Sequence[str], broken: dict[str, str] | None = None
+) -> dict[str, type[Worker]]:  # type: ignore[type-arg]
     """Import every module of each package in `packages` and return its workers by name.
 
-    Modules whose name starts with `_` are skipped. A module that fails to import, a worker without a valid
-    `name`, docstring or strict `Config`, and two workers with one name are errors.
+    Modules whose name starts with `_` are skipped. A module that fails to import, has no worker, or has a worker
+    without a valid `name`, docstring or strict `Config` is an error (ConfigError); given `broken`, it is recorded
+    there instead (module name -> the error, one line) and skipped, so that one half-written file stops nothing
+    else. Two workers with one name are always an error.
     """
     found: dict[str, type[Worker]] = {}  # type: ignore[type-arg]
     for package_name in packages:
-        for cls in _workers_in_package(package_name):
+        for cls in _workers_in_package(package_name, broken):
             other = found.get(cls.name)
             if other is not None and other is not cls:
                 raise ConfigError(
@@ -34,7 +39,7 @@ def discover(packages: Sequence[str]) -> dict[str, type[Worker]]:  # type: ignor
     return dict(sorted(found.items()))
 
 
-def _workers_in_package(package_name: str) -> list[type[Worker]]:  # type: ignore[type-arg]
+def _workers_in_package(package_name: str, broken: dict[str, str] | None) -> list[type[Worker]]:  # type: ignore[type-arg]
     try:
         package = importlib.import_module(package_name)
     except ImportError as exc:
@@ -48,13 +53,28 @@ def _workers_in_package(package_name: str) -> list[type[Worker]]:  # type: ignor
             continue
         module_name = f"{package_name}.{info.name}"
         try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:  # any error in a dropped-in module is reported as that module's fault
-            raise ConfigError(module_name, "", f"cannot import worker module: {type(exc).__name__}: {exc}") from exc
-        for _, cls in inspect.getmembers(module, inspect.isclass):
-            if issubclass(cls, Worker) and cls is not Worker and cls.__module__ == module_name:
-                _check_worker_class(cls)
-                workers.append(cls)
+            workers += _workers_in_module(module_name)
+        except ConfigError as exc:
+            if broken is None:
+                raise
+            finder_path = getattr(info.module_finder, "path", "")
+            path = Path(finder_path) / (info.name if info.ispkg else f"{info.name}.py")
+            broken[module_name] = f"{path}: {exc.problem}"
+    return workers
+
+
+def _workers_in_module(module_name: str) -> list[type[Worker]]:  # type: ignore[type-arg]
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any error in a dropped-in module is reported as that module's fault
+        raise ConfigError(module_name, "", f"cannot import worker module: {type(exc).__name__}: {exc}") from exc
+    workers = []
+    for _, cls in inspect.getmembers(module, inspect.isclass):
+        if issubclass(cls, Worker) and cls is not Worker and cls.__module__ == module_name:
+            _check_worker_class(cls)
+            workers.append(cls)
+    if not workers:
+        raise ConfigError(module_name, "", "no contracts.Worker subclass in this module (name it _<name> to hide it)")
     return workers
 
 

@@ -102,3 +102,33 @@ def test_a_config_field_named_like_a_supervision_key_is_an_error_at_load(
     path.write_text(f'[supervisor]\nworker_packages = ["{name}"]\n')
     with pytest.raises(ConfigError, match=r"Config: field\(s\) restart have the names of the supervisor's keys"):
         load(path, {})
+
+
+def test_a_broken_module_no_section_enables_is_reported_and_stops_nothing(
+    package: tuple[str, Path], tmp_path: Path
+) -> None:
+    name, directory = package
+    (directory / "good.py").write_text(GOOD.format(name="good"))
+    (directory / "half.py").write_text("def half_written(:\n")  # saved in the middle of an edit
+    (directory / "plain.py").write_text("VALUE = 1\n")  # no worker in it
+    path = tmp_path / "config.toml"
+    path.write_text(f'[supervisor]\nworker_packages = ["{name}"]\n[workers.good]\n')
+    settings = load(path, {})
+    assert [w.name for w in settings.workers] == ["good"]
+    assert sorted(settings.broken_modules) == [f"{name}.half", f"{name}.plain"]
+    assert settings.broken_modules[f"{name}.half"].startswith(
+        f"{directory / 'half.py'}: cannot import worker module: SyntaxError: "
+    )
+    assert (
+        settings.broken_modules[f"{name}.plain"]
+        == f"{directory / 'plain.py'}: no contracts.Worker subclass in this module (name it _<name> to hide it)"
+    )
+    # A section that enables the broken one is an error that names it (a disabled one is skipped).
+    path.write_text(f'[supervisor]\nworker_packages = ["{name}"]\n[workers.half]\n')
+    with pytest.raises(
+        ConfigError,
+        match=r"^\S+config\.toml: \[workers\.half\]: its worker 'half' cannot be loaded: \S+half\.py: cannot import worker module: SyntaxError",
+    ):
+        load(path, {})
+    path.write_text(f'[supervisor]\nworker_packages = ["{name}"]\n[workers.half]\nenabled = false\n')
+    assert load(path, {}).workers == ()
