@@ -2,10 +2,11 @@
 
 A `Subscription` with a `handler` gets each message on its filter decoded as its `type` (a msgspec Struct or any
 type msgspec decodes: JSON, or msgpack with `format="msgpack"`; `bytes` for the raw payload, `str` for UTF-8 text)
-and passed as `handler(ctx, value, message)`. The first subscription (in the order declared) whose filter matches
-the topic takes the message; a message that none with a handler matches goes to `Worker.on_message`. A payload
-that does not decode as the type is counted as a `decode` error and dropped, as when `on_message` raises a decode
-error. Used by the worker runtime and by `contracts.testing`, so that a test sees what a running worker does.
+and passed as `handler(ctx, value, message)`. A subscription whose filter is the topic itself takes the message;
+else the first (in the order declared, those made while running last) whose filter matches; a message that none
+with a handler matches goes to `Worker.on_message`. A payload that does not decode as the type is counted as a
+`decode` error and dropped, as when `on_message` raises a decode error. Used by the worker loop
+(`supervisor.worker_loop.Handling`) and so by `supervisor.testing`, so that a test sees what a running worker does.
 """
 
 from __future__ import annotations
@@ -59,9 +60,6 @@ class Handlers:
             self._routes.append(_Route(subscription))
             self._by_topic.clear()
 
-    def __bool__(self) -> bool:
-        return bool(self._routes)
-
     def dispatch(self, ctx: Context, message: Message) -> bool:
         """Give `message` to the first handler whose filter matches its topic; False when none does. Raises what
         the decoder or the handler raises."""
@@ -77,7 +75,9 @@ class Handlers:
         except KeyError:
             pass
         levels = topic.split("/")
-        route = next((r for r in self._routes if match_levels(r.levels, levels)), None)
+        route = next((r for r in self._routes if r.levels == levels), None)  # an exact filter wins
+        if route is None:
+            route = next((r for r in self._routes if match_levels(r.levels, levels)), None)
         if len(self._by_topic) >= _CACHED_TOPICS:
             self._by_topic.clear()
         self._by_topic[topic] = route

@@ -20,7 +20,7 @@ import msgspec
 
 _OBJECT_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
 
-# The object ids of the supervisor's entities on a worker's device (`supervisor.discovery`), which the worker's own
+# The object ids of the supervisor's entities on a worker's device (`supervisor.ha_entities`), which the worker's own
 # may not take.
 RESERVED_OBJECT_IDS = frozenset({"running", "errors", "restarts", "last_crash", "restart"})
 

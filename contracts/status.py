@@ -66,6 +66,7 @@ class WorkerStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     dropped: int
     dead_letters: int
     duplicates: int | None = None
+    running_since: str | None = None  # ISO 8601: when its process started running (absent while it has none)
     last_run_ts: float | None = None
     last_run_iso: str | None = None  # ISO 8601 of last_run_ts
     last_run_trigger: Trigger | None = None

@@ -33,8 +33,8 @@ class Subscription(msgspec.Struct, frozen=True):
 
     With a `handler`, each message on the filter goes to `handler(ctx, value, message)` instead of `on_message`,
     its payload decoded as `type`: a msgspec Struct (or any type msgspec decodes) from JSON, or from msgpack with
-    `format="msgpack"`; `bytes` is the raw payload, `str` its UTF-8 text. JSON over `max_bytes` or nested too deep
-    is refused. A payload that does not decode counts as a `decode` error and reaches no handler. When several
+    `format="msgpack"`; `bytes` is the raw payload, `str` its UTF-8 text. JSON over `max_bytes` (if set) or nested
+    too deep is refused. A payload that does not decode counts as a `decode` error and reaches no handler. When several
     filters match a topic, the first declared takes the message (see `contracts.handling`).
     """
 
@@ -45,7 +45,7 @@ class Subscription(msgspec.Struct, frozen=True):
     handler: Callable[[Context, Any, Message], None] | None = None
     type: Any = bytes
     format: Literal["json", "msgpack"] = "json"
-    max_bytes: int | None = 1024 * 1024
+    max_bytes: int | None = None  # None: what the supervisor lets through ([mqtt] max_payload_bytes from the broker)
 
 
 # Every worker's command that the supervisor carries out itself: a press on `<base>/cmd/<worker>/restart`.
@@ -262,7 +262,8 @@ class Worker(Generic[ConfigT]):
 
     - `subscriptions()`: the topic filters it takes, each with an optional typed `handler`. Called in the
       supervisor process at start (to subscribe) and again in the worker process (to dispatch), after `config` and
-      `site` are set. An exception there, or an invalid filter, is a config error: the supervisor does not start.
+      `site` are set. An exception there, or an invalid filter, is a config error in the supervisor (it does not
+      start); in the worker process, a failed start like one of `on_start`.
     - `on_start(ctx)`: once, before the first message. Raising is a crash (error kind `start`): the process exits
       and the supervisor restarts it by its restart policy; `on_stop` does not run.
     - each message, one at a time: a press of one of its buttons to `on_command`, a message on a filter with a

@@ -208,8 +208,6 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
     _check_values(file, mqtt, source)
     broken: dict[str, str] = {}
     available = discover(file.supervisor.worker_packages, broken)
-    for worker_class in available.values():
-        _check_reserved_keys(worker_class)
     sections = file.workers.items()
     workers = tuple(
         w for w in (_worker_settings(name, section, available, broken, source) for name, section in sections) if w
@@ -429,6 +427,7 @@ def _worker_settings(
         skipped = f" (skipped, not importable: {', '.join(broken)})" if broken else ""
         raise ConfigError(source, key, f"no worker named {kind!r}; workers found: {found}{skipped}")
     worker_class = available[kind]
+    _check_reserved_keys(worker_class)
     if supervision.backoff_max_seconds < supervision.backoff_min_seconds:
         raise ConfigError(
             source,

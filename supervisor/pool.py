@@ -88,8 +88,9 @@ class WorkerPool:
         self._inherited: Callable[[], Iterable[int]] = list
 
     def add(self, worker: WorkerSettings) -> WorkerSlot:
-        """A slot for the worker `worker` describes, not started yet (`start` starts them all; later, `start_worker`
-        starts one): how the configured workers come in, and how one added while running will."""
+        """A slot for the worker `worker` describes, not started yet (`start` starts them all, `start_worker` one).
+        Every configured worker comes in here; one added while running will too, once its routes and entities are
+        wired up as well (not yet: `Routing` and `EntityBundle` take theirs at construction)."""
         slot = self.slots[worker.name] = WorkerSlot(worker, RestartTracker(worker.supervision))
         return slot
 

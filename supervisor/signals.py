@@ -20,11 +20,14 @@ def install(loop: Loop, on_signal: dict[signal.Signals, Callable[[signal.Signals
     for signum in on_signal:
         signal.signal(signum, lambda *_: None)  # the wake-up fd carries the signal number to the loop
 
+    by_number = {int(signum): (signum, callback) for signum, callback in on_signal.items()}
+
     def signalled() -> None:
         for number in receive.recv(64):
-            callback = on_signal.get(signal.Signals(number))
-            if callback is not None:
-                callback(signal.Signals(number))
+            known = by_number.get(number)  # another signal's number (one with a handler elsewhere) is not ours
+            if known is not None:
+                signum, callback = known
+                callback(signum)
 
     loop.add_reader(receive, signalled)
     return receive, send

@@ -37,7 +37,9 @@ from contracts import (
     Worker,
     WorkerFacts,
 )
+from contracts.homeassistant import title
 from contracts.topics import matches
+from supervisor.config import SUPERVISION_KEYS
 from supervisor.loop import Loop
 from supervisor.worker_context import WorkerContext
 from supervisor.worker_loop import Handling, stop
@@ -59,19 +61,20 @@ class WorkerHarness(Generic[W]):
         now: float = 1_700_000_000.0,
     ) -> None:
         self.worker: W = worker_class()
-        if not isinstance(config, msgspec.Struct):
-            config = msgspec.convert(dict(config or {}), worker_class.Config)
+        if not isinstance(config, msgspec.Struct):  # a section: the supervisor's keys in it are not the worker's
+            own = {key: value for key, value in (config or {}).items() if key not in SUPERVISION_KEYS}
+            config = msgspec.convert(own, worker_class.Config)
         self.worker.config = config
         self.worker.site = site or Site()
         self.time = now  # what ctx.now() says; its timers run on this clock too
         self.loop = Loop(clock=lambda: self.time)
         directory = Path(state_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        self.ctx = WorkerContext(
-            worker_class.name, config, directory, self.loop, self.worker.site, clock=lambda: self.time
-        )
-        self.subscriptions = self.worker.subscriptions()
+        name = worker_class.name
+        shown = worker_class.title or title(name)
+        self.ctx = WorkerContext(name, config, directory, self.loop, self.worker.site, lambda: self.time, shown)
         self.handling = Handling(self.worker, self.ctx)
+        self.subscriptions = self.worker.subscriptions()
         self.published: list[Publish] = []
         self.errors: list[tuple[str, str]] = []
         self.entities: list[dict[str, Any]] = []  # the discovery configs it declared last, as Home Assistant gets them
@@ -97,13 +100,25 @@ class WorkerHarness(Generic[W]):
         correlation_data: bytes | None = None,
     ) -> bool:
         """Hand the worker a message as the supervisor would; True when it was handled without an error. Raises
-        LookupError for a topic that none of its subscriptions (or its command topics) matches."""
+        LookupError for a topic that none of its subscriptions (or its command topics) matches.
+
+        As the supervisor does, a retained message on a command topic is not delivered but counted as a
+        `retained_command` error (False), and an empty one there (a retained press being cleared) is ignored (True).
+        """
         filters = [s.topic_filter for s in self.subscriptions] + [t for t, _ in self.subscribed]
         commands = self.ctx.command_topic("")
-        if not topic.startswith(commands) and not any(matches(f, topic) for f in filters):
+        command = topic.startswith(commands) or any(
+            s.commands and matches(s.topic_filter, topic) for s in self.subscriptions
+        )
+        if not command and not any(matches(f, topic) for f in filters):
             raise LookupError(f"{self.worker.name} does not subscribe to {topic!r} (filters: {', '.join(filters)})")
-        self._ids += 1
         data = payload.encode() if isinstance(payload, str) else payload
+        if command and retain:
+            self.errors.append(("retained_command", f"a retained message on a command topic: {topic}"))
+            return False
+        if topic.startswith(commands) and not data:
+            return True
+        self._ids += 1
         message = Message(
             id=self._ids,
             topic=topic,

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import msgspec
 
@@ -129,7 +129,7 @@ class WorkerContext:
         title: str | None = None,
     ) -> None:
         self.name = name
-        self.title = title  # the worker class's, for its Home Assistant device
+        self.title = title  # how a person reads its name (`WorkerSettings.title`), for its Home Assistant device
         self.config = config
         self.state_dir = state_dir
         self.site = site or Site()
@@ -236,6 +236,10 @@ class WorkerContext:
         **fields: Any,
     ) -> None:
         more = status_fields(fields)
+        if last_run_trigger is not None and last_run_trigger not in get_args(Trigger):
+            # checked here: the supervisor decodes the facts as typed, and would refuse the whole batch they came in
+            expected = ", ".join(get_args(Trigger))
+            raise ValueError(f"report_status(): expected last_run_trigger in {expected}, got {last_run_trigger!r}")
         facts = WorkerFacts(
             last_run_ts=last_run_ts,
             last_run_trigger=last_run_trigger,
@@ -281,7 +285,7 @@ class WorkerContext:
             try:
                 callback()
             except MemoryError:
-                raise  # the memory limit: the worker ends (see `run`)
+                raise  # the memory limit: the worker ends (see `worker_process.run`)
             except Exception as exc:  # policy: as for handlers, counted and survived
                 self.log.exception("%s callback failed", what)
                 self.report_error("handler", f"{type(exc).__name__}: {exc} ({what})")

@@ -120,17 +120,18 @@ class WorkerLoop:
         self.in_handler = in_handler
         self.loop = Loop()
         self.ctx = WorkerContext(spec.name, worker.config, state_dir, self.loop, spec.site, title=spec.title)
-        self.handling = Handling(worker, self.ctx)
+        self.handling: Handling | None = None  # made at start: `subscriptions()` runs then, under the start's policy
         self.log = self.ctx.log
         self._last_sent = time.monotonic()
         self._exit_code: int | None = None
 
     def run(self) -> int:
         try:
+            self.handling = Handling(self.worker, self.ctx)
             self.worker.on_start(self.ctx)
         except MemoryError:
             raise  # the memory limit: the worker ends (see `worker_process.run`)
-        except Exception as exc:  # policy: a failing start is a crash, restarted by the supervisor
+        except Exception as exc:  # policy: a failing start (subscriptions() or on_start) is a crash, restarted
             self.log.exception("on_start failed")
             self.ctx.outgoing.append(StartFailed(error=f"{type(exc).__name__}: {exc}"))
             self._flush()
@@ -164,6 +165,7 @@ class WorkerLoop:
 
     def _handle(self, message: Message) -> None:
         started = time.perf_counter()
+        assert self.handling is not None  # messages come only after the start
         self.in_handler.value = message.id
         failed = self.handling.handle(message)
         self.in_handler.value = 0

@@ -97,7 +97,7 @@ def _apply_limits(spec: WorkerSpec) -> None:
     at start plus `memory_limit_mb`. A forked worker starts with a private copy of the supervisor's data mappings,
     so a plain limit of `memory_limit_mb` could fail it at once; this bounds what it adds. An allocation past it
     raises MemoryError, which ends the worker with `LimitReached` (restart reason `memory`). The supervisor also
-    kills a worker whose resident memory passes the limit (see `supervisor.core`).
+    kills a worker whose resident memory passes the limit (see `supervisor.pool`).
     """
     if spec.memory_limit_mb is not None:
         start = _status_kib("VmData") * 1024

@@ -11,7 +11,8 @@ import pytest
 from testworkers.ticker import Ticker
 from testworkers.typed import Typed
 
-from contracts import Site
+from contracts import Message, Site, Subscription
+from contracts.handling import Handlers
 from supervisor.testing import WorkerHarness
 from workers.ai_analyzer import AiAnalyzer
 
@@ -60,3 +61,42 @@ def test_a_shipped_worker_with_its_entities_buttons_and_threads(tmp_path: Path) 
     assert analyzer.press("clear_cache")
     analyzer.stop()
     assert analyzer.errors == []
+
+
+def test_the_harness_names_devices_applies_the_command_rules_and_takes_a_whole_section(tmp_path: Path) -> None:
+    site = Site(base_topic="home/sup", node_id="box")
+    # Supervision keys in the section are the supervisor's, as in the config file.
+    analyzer = WorkerHarness(AiAnalyzer, {"ai_enabled": False, "restart": "permanent"}, tmp_path, site)
+    analyzer.start()
+    assert {e["device"]["name"] for e in analyzer.entities} == {"AI analyzer on localhost"}
+    assert not analyzer.press("clear_cache", "") or analyzer.errors == []  # an empty press is ignored
+    assert not analyzer.receive(analyzer.ctx.command_topic("clear_cache"), "PRESS", retain=True)
+    assert [kind for kind, _ in analyzer.errors] == ["retained_command"]
+
+
+def test_an_exact_filter_takes_its_topic_from_a_wildcard_declared_first() -> None:
+    got: list[tuple[str, object]] = []
+    handlers = Handlers()
+    handlers.add(Subscription("home/#", handler=lambda ctx, value, message: got.append(("wildcard", value))))
+    handlers.add(
+        Subscription("home/reply", handler=lambda ctx, value, message: got.append(("exact", value)), type=dict)
+    )
+    assert handlers.dispatch(None, Message(id=1, topic="home/reply", payload=b'{"a": 1}'))  # type: ignore[arg-type]
+    assert handlers.dispatch(None, Message(id=2, topic="home/other", payload=b"x"))  # type: ignore[arg-type]
+    assert got == [("exact", {"a": 1}), ("wildcard", b"x")]
+
+
+def test_typed_json_has_no_size_limit_of_its_own() -> None:
+    # What reaches a worker is bounded by the supervisor ([mqtt] max_payload_bytes from the broker).
+    got: list[object] = []
+    handlers = Handlers()
+    handlers.add(Subscription("big", handler=lambda ctx, value, message: got.append(len(value)), type=list))
+    payload = b"[" + b",".join([b"1"] * 1_000_000) + b"]"  # 2 MB
+    assert handlers.dispatch(None, Message(id=1, topic="big", payload=payload))  # type: ignore[arg-type]
+    assert got == [1_000_000]
+
+
+def test_a_trigger_outside_the_list_is_refused_where_it_is_reported(tmp_path: Path) -> None:
+    ticker = WorkerHarness(Ticker, {"out": "t"}, tmp_path)
+    with pytest.raises(ValueError, match=r"^report_status\(\): expected last_run_trigger in startup, interval, "):
+        ticker.ctx.report_status(last_run_trigger="manual")  # type: ignore[arg-type]

@@ -100,6 +100,8 @@ def test_a_config_field_named_like_a_supervision_key_is_an_error_at_load(
     (directory / "clash.py").write_text(GOOD.format(name="clash").replace("greeting: str", "restart: str"))
     path = tmp_path / "config.toml"
     path.write_text(f'[supervisor]\nworker_packages = ["{name}"]\n')
+    assert load(path, {}).workers == ()  # found but used by no section: it stops nothing
+    path.write_text(f'[supervisor]\nworker_packages = ["{name}"]\n[workers.clash]\n')
     with pytest.raises(ConfigError, match=r"Config: field\(s\) restart have the names of the supervisor's keys"):
         load(path, {})
 
@@ -127,7 +129,8 @@ def test_a_broken_module_no_section_enables_is_reported_and_stops_nothing(
     path.write_text(f'[supervisor]\nworker_packages = ["{name}"]\n[workers.half]\n')
     with pytest.raises(
         ConfigError,
-        match=r"^\S+config\.toml: \[workers\.half\]: its worker 'half' cannot be loaded: \S+half\.py: cannot import worker module: SyntaxError",
+        match=r"^\S+config\.toml: \[workers\.half\]: its worker 'half' cannot be loaded: "
+        r"\S+half\.py: cannot import worker module: SyntaxError",
     ):
         load(path, {})
     path.write_text(f'[supervisor]\nworker_packages = ["{name}"]\n[workers.half]\nenabled = false\n')
