@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from contracts import Outbound, Site, Stop
-from supervisor import worker_process
+from supervisor import registry, worker_process
 from supervisor.channel import Channel
 from supervisor.config import WorkerSettings
 from supervisor.worker_loop import WorkerSpec
@@ -130,6 +130,7 @@ class WorkerProcess:
             name=settings.name,
             title=settings.title,
             module=cls.__module__,
+            module_mtime_ns=registry.loaded_mtime(cls.__module__),
             qualname=cls.__qualname__,
             config=msgspec.msgpack.encode(settings.config),
             state_dir=state_dir,

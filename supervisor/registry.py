@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
 import re
 from collections.abc import Sequence
@@ -63,11 +64,32 @@ def _workers_in_package(package_name: str, broken: dict[str, str] | None) -> lis
     return workers
 
 
+_loaded: dict[str, int] = {}  # worker module -> the modification time (ns) of its file when it was imported here
+
+
+def loaded_mtime(module_name: str) -> int | None:
+    """When the file of worker module `module_name` was last modified before this process imported it (None when
+    unknown): a worker process that finds it newer runs the module as it is now (see `worker_process`)."""
+    return _loaded.get(module_name)
+
+
+def source_mtime(module: object) -> int | None:
+    """The modification time (ns) of `module`'s source file now, or None."""
+    path = getattr(module, "__file__", None)
+    try:
+        return os.stat(path).st_mtime_ns if path else None
+    except OSError:
+        return None
+
+
 def _workers_in_module(module_name: str) -> list[type[Worker]]:  # type: ignore[type-arg]
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any error in a dropped-in module is reported as that module's fault
         raise ConfigError(module_name, "", f"cannot import worker module: {type(exc).__name__}: {exc}") from exc
+    mtime = source_mtime(module)
+    if mtime is not None:
+        _loaded[module_name] = mtime
     workers = []
     for _, cls in inspect.getmembers(module, inspect.isclass):
         if issubclass(cls, Worker) and cls is not Worker and cls.__module__ == module_name:

@@ -61,6 +61,9 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     site: Site = Site()
     release_fds: list[int] = msgspec.field(default_factory=list)  # the supervisor's, inherited through fork
     environment: dict[str, str] = msgspec.field(default_factory=dict)  # the secrets its section names
+    # When the worker's module file was modified before the supervisor imported it: newer now, the process imports
+    # it again, so that a restart runs the code on disk.
+    module_mtime_ns: int | None = None
     memory_limit_mb: int | None = None
     cpu_nice: int | None = None
     max_open_files: int | None = None

@@ -28,8 +28,8 @@ from typing import Any
 
 import msgspec
 
-from contracts import Inbound, LimitReached
-from supervisor import secrets
+from contracts import Inbound, LimitReached, StartFailed, Worker
+from supervisor import registry, secrets
 from supervisor.channel import Channel
 from supervisor.errors import ChannelClosed
 from supervisor.worker_loop import WorkerLoop, WorkerSpec
@@ -54,11 +54,14 @@ def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:
         stream=sys.stderr,
         force=True,
     )
-    worker_class = getattr(importlib.import_module(spec.module), spec.qualname)
-    worker = worker_class()
-    worker.config = msgspec.msgpack.decode(spec.config, type=worker_class.Config)
-    worker.site = spec.site
     channel: Channel[Inbound] = Channel(sock, Inbound)
+    try:
+        worker = _build(spec)
+    except Exception as exc:  # policy: a worker that cannot be built (its changed module broken) failed to start
+        logging.getLogger(f"workers.{spec.name}").exception("cannot build the worker")
+        with contextlib.suppress(Exception):
+            channel.send([StartFailed(error=f"{type(exc).__name__}: {exc}")])
+        os._exit(1)
     try:
         code = WorkerLoop(spec, worker, channel, in_handler).run()
     except ChannelClosed:
@@ -73,6 +76,22 @@ def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:
     logging.shutdown()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _build(spec: WorkerSpec) -> Worker:  # type: ignore[type-arg]
+    """The worker `spec` describes, from its module as it is on disk now: a forked process holds the module the
+    supervisor imported at its start, so when the file changed since, it is imported again (only then: a restart
+    of unchanged code costs one stat)."""
+    imported = spec.module in sys.modules
+    module = importlib.import_module(spec.module)
+    if imported and spec.module_mtime_ns is not None and registry.source_mtime(module) != spec.module_mtime_ns:
+        logging.getLogger(f"workers.{spec.name}").info("its module %s changed on disk; loading it again", spec.module)
+        module = importlib.reload(module)
+    worker_class = getattr(module, spec.qualname)
+    worker = worker_class()
+    worker.config = msgspec.msgpack.decode(spec.config, type=worker_class.Config)
+    worker.site = spec.site
+    return worker  # type: ignore[no-any-return]
 
 
 def _release(fds: list[int]) -> None:

@@ -109,6 +109,7 @@ class SupervisorFactory:
         self.prefix = prefix
         self.base = f"{prefix}/sup"
         self.started: list[SupervisorProcess] = []
+        self.python_path: list[Path] = []  # more directories for the supervisors' imports (a test's own packages)
 
     def config(self, workers: dict[str, dict[str, Any]], **tables: dict[str, Any]) -> Path:
         document: dict[str, Any] = {
@@ -140,7 +141,7 @@ class SupervisorFactory:
     ) -> SupervisorProcess:
         path = self.config(workers or {}, **tables)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")} | (environment or {})
-        env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT)])
+        env["PYTHONPATH"] = os.pathsep.join([*map(str, self.python_path), str(TESTS), str(ROOT)])
         process = SupervisorProcess(path, self.tmp_path / f"supervisor-{len(self.started)}.log", env)
         self.started.append(process)
         return process
