@@ -13,6 +13,15 @@ from contracts.homeassistant import DeclaredEntity
 from contracts.status import WorkerFacts
 
 
+class LogLine(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One log record, as published on `<base>/log/<worker>` (JSON, with `worker` and `event_type` added)."""
+
+    time: float  # seconds since the epoch
+    level: str  # WARNING, ERROR, ...
+    logger: str
+    message: str  # with its traceback, if any; bounded
+
+
 class Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", array_like=True):
     """Base of every envelope; the tag names the concrete type on the wire."""
 
@@ -132,6 +141,14 @@ class Subscribe(Envelope, tag="subscribe", frozen=True, kw_only=True):
     qos: int = 0
 
 
+class Logged(Envelope, tag="log", frozen=True, kw_only=True):
+    """Log lines of the worker at or above `[supervisor] mqtt_log_level`, for `<base>/log/<worker>`; `dropped`:
+    lines left out before these because the worker logged faster than they could go."""
+
+    lines: list[LogLine]
+    dropped: int = 0
+
+
 Outbound = (
     Started
     | StartFailed
@@ -143,4 +160,5 @@ Outbound = (
     | EntitiesDeclared
     | StatusReported
     | Subscribe
+    | Logged
 )

@@ -84,6 +84,19 @@ class MqttStatus(msgspec.Struct, frozen=True, kw_only=True):
     publish_errors: int
 
 
+class ReloadStatus(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The last reload of the config (SIGHUP, `systemctl reload`, `ctl reload`, watch mode)."""
+
+    time: str  # ISO 8601
+    ok: bool  # False: the file was invalid, and nothing changed
+    error: str | None = None
+    added: list[str] = []
+    removed: list[str] = []
+    changed: list[str] = []  # restarted with their new section or module
+    restart_needed: list[str] = []  # "[mqtt] host": changed in the file, applied at the next restart
+    kept_modules: dict[str, str] = {}  # worker module -> why its new version was not loaded (the old one runs)
+
+
 class Status(msgspec.Struct, frozen=True, kw_only=True):
     # ok | degraded (a worker starting, backing off or failing every recent run; MQTT down) | error (a worker has
     # failed) | stopped (the last document of a clean stop)
@@ -100,3 +113,4 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     ai_enabled: bool | None  # from the worker that reports it (ai_analyzer); None when none does
     event_count: int | None  # the sum of what workers report (the scraper's events); None when none does
     workers: dict[str, WorkerStatus]
+    last_reload: ReloadStatus | None = None

@@ -112,6 +112,10 @@ class Site(msgspec.Struct, frozen=True, kw_only=True):
         """When and how `worker` last crashed (retained JSON `{"time", "exit"}`)."""
         return f"{self.base_topic}/worker/{worker}/last_crash"
 
+    def log_topic(self, worker: str) -> str:
+        """`worker`'s log lines at or above `[supervisor] mqtt_log_level` (JSON, not retained)."""
+        return f"{self.base_topic}/log/{worker}"
+
     def worker_own_topic(self, worker: str, *levels: str) -> str:
         """A topic of worker `worker`'s own: `<base>/<worker>/<levels...>` (its sensors, its replies)."""
         return "/".join((self.base_topic, worker, *levels))

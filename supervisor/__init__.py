@@ -8,6 +8,7 @@ workers and imports nothing of this package. The modules named `worker_*` run in
     ctl             the command line's `ctl`: ask the running supervisor through its control API
     testing         a harness for testing a worker's hooks in one process
     core            the Supervisor: the wiring of the parts below and the order of a wake-up
+    reloading       a config reload: what changed, what applies live, what waits for a restart
     pool            the worker pool: every worker's slot and the life of its processes
     ha_entities     Home Assistant: the supervisor's own entities, and the bundle of all declared ones
     systemd         sd_notify: ready, watchdog, stopping
@@ -29,6 +30,7 @@ workers and imports nothing of this package. The modules named `worker_*` run in
     worker_process  inside a worker's process: its start (descriptors, secrets, limits, name) and its end
     worker_loop     inside a worker's process: the loop, and how one message is handled
     worker_context  inside a worker's process: the Context a worker is given, its timers and threads
+    logrelay        workers' log lines over MQTT (<base>/log/<worker>): relayed, bounded, rate-limited
     signals         signals as events of the loop
     loop            the selector loop and its timers
     config          the TOML file, environment overrides and secrets

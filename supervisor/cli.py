@@ -40,13 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         from supervisor import ctl
 
         try:
-            settings = config.load(args.config, environ)
+            settings = config.load(args.config, environ, connection_only=True)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        return ctl.run(settings, args.action, args.worker, args.timeout)
+        return ctl.run(settings, args.action, args.worker, args.timeout, args.lines)
     try:
-        settings = config.load(args.config, environ)
+        # Running, a worker whose module is broken is failed and the others run; --check-config fails on it.
+        settings = config.load(args.config, environ, strict=args.check_config)
         if argv is None and not args.check_config:  # no secret may stay in the environment block workers inherit
             secrets.reexec_without(settings.secret_variables, dict(os.environ))
         supervisor_ = Supervisor(settings)  # validates every worker's subscriptions too
@@ -99,8 +100,11 @@ def _parser() -> argparse.ArgumentParser:
         help="log level (default INFO)",
     )
     commands = parser.add_subparsers(dest="command", metavar="ctl")
-    ctl = commands.add_parser("ctl", help="ask the running supervisor (status, restart, stop, start, republish)")
-    ctl.add_argument("action", choices=["status", "restart", "stop", "start", "republish"])
-    ctl.add_argument("worker", nargs="?", help="the worker, for restart, stop and start")
+    ctl = commands.add_parser(
+        "ctl", help="ask the running supervisor (status, restart, stop, start, reload, republish, tail)"
+    )
+    ctl.add_argument("action", choices=["status", "restart", "stop", "start", "reload", "republish", "tail"])
+    ctl.add_argument("worker", nargs="?", help="the worker, for restart, stop, start and tail")
     ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)")
+    ctl.add_argument("--lines", type=int, default=None, help="tail: stop after this many lines (default: Ctrl-C)")
     return parser

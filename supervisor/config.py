@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from contracts import Worker
+from contracts import NoConfig, Worker
 from contracts.homeassistant import title
 from contracts.topics import publish_topic_problem
 from supervisor.errors import ConfigError
@@ -56,6 +56,11 @@ class SupervisorConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=
     outbox_sync: Literal["off", "normal", "full"] = "off"
     # Log a warning while the supervisor's own resident memory is above this (MiB); 0: never.
     memory_warning_mb: Annotated[int, msgspec.Meta(ge=0, le=1_048_576)] = 200
+    # Watch the config file and the worker modules, and reload when one is saved (for writing workers; off: reload
+    # on SIGHUP, `systemctl reload`, or `ctl reload`).
+    reload_on_change: bool = False
+    # Worker log lines at this level and above are published on <base>/log/<worker> too (`ctl tail`); "OFF": none.
+    mqtt_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL", "OFF"] = "WARNING"
 
 
 class TlsConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -156,6 +161,9 @@ class WorkerSettings:
     config: msgspec.Struct
     # The secret variables its section names (keys ending in `_env`) that are set: its processes get these only.
     environment: dict[str, Secret] = field(default_factory=dict)
+    # Why its worker cannot be loaded (its module is broken): it never starts, and shows as failed until a reload
+    # finds the module fixed. None for every worker that can run.
+    load_error: str | None = None
 
     @property
     def title(self) -> str:
@@ -192,25 +200,51 @@ class Settings:
     available_workers: tuple[str, ...]
     # The worker modules that could not be used (module name -> the error), skipped: see `registry.discover`.
     broken_modules: dict[str, str] = field(default_factory=dict)
+    # At a reload, the worker modules whose new version is broken (module name -> the error): the one loaded
+    # before stays in use.
+    kept_modules: dict[str, str] = field(default_factory=dict)
     # Every environment variable holding a secret: the MQTT password's, and those any worker section names.
     secret_variables: frozenset[str] = frozenset()
 
 
-def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
-    """Read, validate and resolve the config file at `path`; raises ConfigError."""
+class Unloadable(Worker[NoConfig]):
+    """Stands in for the worker of a section whose module cannot be loaded (`WorkerSettings.load_error`): its slot
+    shows as failed and never starts a process."""
+
+    name = "unloadable"
+
+
+def load(
+    path: str | Path,
+    environ: dict[str, str] | None = None,
+    strict: bool = True,
+    reloading: bool = False,
+    connection_only: bool = False,
+) -> Settings:
+    """Read, validate and resolve the config file at `path`; raises ConfigError. Not `strict` (a running
+    supervisor), a section whose worker's module cannot be loaded is not an error: that worker gets `load_error`,
+    to show as failed while the others run. `reloading` (a running supervisor's reload): worker modules changed on
+    disk are imported again, a broken new version leaving the loaded one in use (`Settings.kept_modules`).
+    `connection_only` (the command line's `ctl`): only `[supervisor]` and `[mqtt]` are read, no worker, so that
+    `ctl reload` reaches the supervisor even when a worker section is wrong (the supervisor then says what is)."""
     path = Path(path)
     environ = dict(os.environ) if environ is None else environ
     source = str(path)
     raw = _read_toml(path)
+    if connection_only:
+        raw = {table: raw[table] for table in ("supervisor", "mqtt") if table in raw}
     _check_finite(raw, source, "")
     file = _convert(raw, ConfigFile, source, "")
     mqtt = _resolve_mqtt(file.mqtt, file.supervisor.base_topic, environ, source)
     _check_values(file, mqtt, source)
     broken: dict[str, str] = {}
-    available = discover(file.supervisor.worker_packages, broken)
+    kept: dict[str, str] | None = {} if reloading else None
+    available = {} if connection_only else discover(file.supervisor.worker_packages, broken, kept)
     sections = file.workers.items()
     workers = tuple(
-        w for w in (_worker_settings(name, section, available, broken, source) for name, section in sections) if w
+        w
+        for w in (_worker_settings(name, section, available, broken, source, strict) for name, section in sections)
+        if w
     )
     workers = tuple(
         dataclasses.replace(w, environment={n: Secret(environ[n]) for n in w.secret_names if n in environ})
@@ -232,6 +266,7 @@ def load(path: str | Path, environ: dict[str, str] | None = None) -> Settings:
         ),
         available_workers=tuple(available),
         broken_modules=broken,
+        kept_modules=kept or {},
     )
 
 
@@ -383,9 +418,7 @@ def _password(mqtt: MqttConfig, environ: dict[str, str], source: str) -> Secret 
             return Secret(Path(mqtt.password_file).read_text().rstrip("\r\n"))
         except (OSError, ValueError) as exc:  # ValueError: a NUL in the path, or a file that is not UTF-8
             problem = exc.strerror if isinstance(exc, OSError) else str(exc)
-            raise ConfigError(
-                source, "[mqtt] password_file", f"cannot read {mqtt.password_file}: {problem}"
-            ) from None
+            raise ConfigError(source, "[mqtt] password_file", f"cannot read {mqtt.password_file}: {problem}") from None
     return None
 
 
@@ -409,8 +442,10 @@ def _worker_settings(
     available: dict[str, type[Worker]],  # type: ignore[type-arg]
     broken: dict[str, str],
     source: str,
+    strict: bool = True,
 ) -> WorkerSettings | None:
-    """The settings of section `[workers.<name>]`; None for a disabled section whose worker's module is broken."""
+    """The settings of section `[workers.<name>]`; None for a disabled section whose worker's module is broken.
+    An enabled one is an error when `strict`, else a worker that cannot run (`load_error`)."""
     table = f"workers.{name}"
     supervision_keys = {k: v for k, v in section.items() if k in SUPERVISION_KEYS}
     own_keys = {k: v for k, v in section.items() if k not in SUPERVISION_KEYS}
@@ -422,7 +457,10 @@ def _worker_settings(
         if its_module is not None:
             if not supervision.enabled:
                 return None
-            raise ConfigError(source, key, f"its worker {kind!r} cannot be loaded: {its_module}")
+            error = ConfigError(source, key, f"its worker {kind!r} cannot be loaded: {its_module}")
+            if strict:
+                raise error
+            return WorkerSettings(name, Unloadable, supervision, NoConfig(), load_error=str(error))
         found = ", ".join(available) or "none"
         skipped = f" (skipped, not importable: {', '.join(broken)})" if broken else ""
         raise ConfigError(source, key, f"no worker named {kind!r}; workers found: {found}{skipped}")

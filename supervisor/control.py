@@ -1,12 +1,14 @@
 """The control API: requests on `<base>/request/<action>` and restart presses on `<base>/cmd/<worker>/restart`.
 
-A request carries JSON, `{"worker": "<name>"}` for `restart`, `stop` and `start`, nothing for `status` and
-`republish` (status and availability published again). The reply is JSON, `{"ok": true, ...}` or
-`{"ok": false, "error": "..."}`, sent to the request's MQTT 5 response topic with its correlation data, or else to
-`<base>/response/<action>`, with the request's `transaction` field if it had one (so that an MQTT 3.1.1 client can
-match it). A press on `<base>/cmd/<worker>/restart` (Home Assistant's restart button) restarts that worker and has
-no reply; the worker's other commands go to the worker itself. Both are command topics: retained messages are
-ignored. Workers reach this API too, by publishing a request (it is delivered locally).
+A request carries JSON, `{"worker": "<name>"}` for `restart`, `stop` and `start`, nothing for `status`,
+`republish` (status and availability published again) and `reload` (the config file read again and applied: see
+`supervisor.reloading`; the answer says what it added, removed, changed and what waits for a restart). The reply
+is JSON, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`, sent to the request's MQTT 5 response topic with
+its correlation data, or else to `<base>/response/<action>`, with the request's `transaction` field if it had one
+(so that an MQTT 3.1.1 client can match it). A press on `<base>/cmd/<worker>/restart` (Home Assistant's restart
+button) restarts that worker and has no reply; the worker's other commands go to the worker itself. Both are
+command topics: retained messages are ignored. Workers reach this API too, by publishing a request (it is
+delivered locally).
 """
 
 from __future__ import annotations
@@ -50,14 +52,16 @@ class Status(Protocol):
 
 
 Reply = Callable[[str, bytes, bytes | None], None]  # (topic, payload, correlation data)
+Reload = Callable[[str], dict[str, Any]]  # (why) -> what it did; raises ControlError when it changed nothing
 
 
 class ControlAPI:
-    def __init__(self, site: Site, workers: Workers, status: Status, reply: Reply) -> None:
+    def __init__(self, site: Site, workers: Workers, status: Status, reply: Reply, reload: Reload) -> None:
         self.site = site
         self.workers = workers
         self.status = status
         self.reply = reply
+        self.reload = reload
 
     @property
     def filters(self) -> list[str]:
@@ -99,13 +103,17 @@ class ControlAPI:
         if action == "republish":
             self.status.republish()
             return {}
+        if action == "reload":
+            return self.reload("a control request")
         commands = {
             "restart": self.workers.restart_worker,
             "stop": self.workers.stop_worker,
             "start": self.workers.start_worker,
         }
         if action not in commands:
-            raise ControlError(f"unknown action {action!r}; expected one of: republish, restart, start, status, stop")
+            raise ControlError(
+                f"unknown action {action!r}; expected one of: reload, republish, restart, start, status, stop"
+            )
         try:
             request = _request_decoder.decode(payload or b"{}")
         except msgspec.DecodeError as exc:

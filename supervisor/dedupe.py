@@ -54,6 +54,15 @@ class Deduplicator:
         self._load()
         self._tidied = clock()
 
+    def watch(self, worker: str, window: Window) -> None:
+        """Deduplicate for `worker` (added or changed by a reload) too, from what the file remembers of it."""
+        new = worker not in self._windows
+        self._windows[worker] = window
+        if new:
+            self._handled[worker] = OrderedDict()
+            self._held[worker] = set()
+            self._load_worker(worker, self._clock())
+
     def deduplicates(self, worker: str) -> bool:
         return worker in self._windows
 
@@ -115,14 +124,19 @@ class Deduplicator:
     def _load(self) -> None:
         now = self._clock()
         longest = max((w.seconds for w in self._windows.values()), default=0.0)
-        self._db.execute("DELETE FROM handled WHERE at < ?", (now - longest,))  # also ids of workers gone since
-        for worker, window in self._windows.items():
-            rows = self._db.execute(
-                "SELECT publication_id, at FROM handled WHERE worker = ? AND at > ? ORDER BY at DESC LIMIT ?",
-                (worker, now - window.seconds, window.max_entries),
-            ).fetchall()
-            for publication_id, at in reversed(rows):
-                self._remember(worker, publication_id, at)
+        if self._windows:
+            self._db.execute("DELETE FROM handled WHERE at < ?", (now - longest,))  # also ids of workers gone since
+        for worker in self._windows:
+            self._load_worker(worker, now)
+
+    def _load_worker(self, worker: str, now: float) -> None:
+        window = self._windows[worker]
+        rows = self._db.execute(
+            "SELECT publication_id, at FROM handled WHERE worker = ? AND at > ? ORDER BY at DESC LIMIT ?",
+            (worker, now - window.seconds, window.max_entries),
+        ).fetchall()
+        for publication_id, at in reversed(rows):
+            self._remember(worker, publication_id, at)
 
 
 def _open(path: Path) -> sqlite3.Connection:

@@ -40,9 +40,18 @@ class EntityBundle:
         """`workers` maps every configured worker to its title; `send` delivers a local-only publication."""
         self.site = site
         self.send = send
-        self.owners = [control.NAME, *workers]
-        self.declared: dict[str, list[DeclaredEntity]] = {control.NAME: supervisor_entities(site, workers)}
+        self.declared: dict[str, list[DeclaredEntity]] = {}
         self._due: bool | None = None  # None: nothing to send; else whether to ask for a full republish
+        self.set_workers(workers)
+        self._due = None  # sent once a worker starts (it may be the one that publishes discovery)
+
+    def set_workers(self, workers: Mapping[str, str | None]) -> None:
+        """The configured workers are now `workers` (name -> title): the entities of a worker no longer there go
+        (ha_responder removes an owner's entities when the owner leaves the bundle), a new one's come."""
+        self.owners = [control.NAME, *workers]
+        kept = {owner: entities for owner, entities in self.declared.items() if owner in workers}
+        self.declared = {control.NAME: supervisor_entities(self.site, workers), **kept}
+        self.send_soon()
 
     def declare(self, owner: str, entities: list[DeclaredEntity] | None) -> None:
         """`owner` declared `entities`; None: it started (what it declared in its start came before)."""

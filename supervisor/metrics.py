@@ -63,6 +63,16 @@ class Observed(Protocol):
     @property
     def outbox_backlog(self) -> int: ...
 
+    @property
+    def reloads(self) -> Mapping[str, int]:
+        """Config reloads by result (ok, error)."""
+        ...
+
+    @property
+    def last_reload_ok(self) -> bool | None:
+        """Whether the last reload was applied; None: none was tried."""
+        ...
+
     def status_document(self) -> Any:
         """The status document as plain values (see `contracts.status`)."""
         ...
@@ -85,6 +95,18 @@ class SupervisorCollector(Collector):
         own = GaugeMetricFamily(PREFIX + "resident_memory_bytes", "Resident memory of the supervisor process.")
         own.add_metric([], self.observed.resident_bytes)
         yield own
+        reloads = CounterMetricFamily(
+            PREFIX + "config_reloads", "Config reloads (SIGHUP, ctl reload, watch mode) by result.", labels=["result"]
+        )
+        for result, count in sorted(self.observed.reloads.items()):
+            reloads.add_metric([result], count)
+        yield reloads
+        last = self.observed.last_reload_ok
+        success = GaugeMetricFamily(
+            PREFIX + "config_last_reload_successful", "0 while the config file's last reload was refused, else 1."
+        )
+        success.add_metric([], 0 if last is False else 1)
+        yield success
         loop = CounterMetricFamily(PREFIX + "loop_errors", "Unexpected errors in the supervisor's loop, survived.")
         loop.add_metric([], self.observed.loop_errors)
         yield loop

@@ -18,7 +18,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import msgspec
@@ -127,24 +127,23 @@ class MqttLink:
     # Public API ---------------------------------------------------------------------------------------------------
 
     def subscribe(self, filters: list[tuple[str, int, int]], with_ids: bool) -> None:
-        """Set the (filter, qos, subscription id) subscriptions made on every connect (before it, or on the next).
+        """Set the (filter, qos, subscription id) subscriptions made on every connect; while connected, change the
+        live ones to match: SUBSCRIBE for a filter new or changed, UNSUBSCRIBE for one no longer wanted.
 
         Under MQTT 5 the filters are subscribed with No Local (except shared subscriptions), each with its
         subscription id when `with_ids`; under 3.1.1 the ids are never sent.
         """
-        self._subscriptions.filters = list(filters)
-        self._subscriptions.with_ids = with_ids
-
-    def subscribe_again(self) -> None:
-        """Send every subscription again now (if connected): after `subscribe` changed them while connected."""
-        if self.connected:
-            self._subscriptions.send(self._subscriptions.filters)
-
-    def add_subscription(self, topic_filter: str, qos: int, sub_id: int) -> None:
-        """Subscribe to one more filter, now if connected, and on every connect from now on."""
-        self._subscriptions.filters.append((topic_filter, qos, sub_id))
-        if self.connected:
-            self._subscriptions.send([(topic_filter, qos, sub_id)])
+        subscriptions = self._subscriptions
+        before = {f: (qos, sub_id if subscriptions.with_ids else 0) for f, qos, sub_id in subscriptions.filters}
+        ids_changed = with_ids != subscriptions.with_ids
+        subscriptions.filters = list(filters)
+        subscriptions.with_ids = with_ids
+        if not self.connected:
+            return
+        wanted = {f for f, _, _ in filters}
+        subscriptions.unsubscribe([f for f in before if f not in wanted])
+        changed = [(f, q, i) for f, q, i in filters if ids_changed or before.get(f) != (q, i if with_ids else 0)]
+        subscriptions.send(changed)
 
     def start(self) -> None:
         """Connect now, and keep reconnecting until `stop`. The owner calls `flush` at the end of every wake-up."""
@@ -456,6 +455,14 @@ class _Subscriptions:
             self._track([topic_filter], self.client.subscribe(topic_filter, options=options, properties=properties))
         return bool(self.unacknowledged)
 
+    def unsubscribe(self, filters: list[str]) -> None:
+        if filters:
+            rc, _ = self.client.unsubscribe(filters)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                log.warning("unsubscribing from %s failed: %s", ", ".join(filters), paho.error_string(rc))
+            else:
+                log.info("unsubscribed from %s", ", ".join(filters))
+
     def acknowledged(self, mid: int, reasons: list[ReasonCode]) -> bool:
         """The broker answered SUBSCRIBE `mid`; True when that was the last one it owed."""
         filters = self.unacknowledged.pop(mid, [])
@@ -643,17 +650,7 @@ def request(
     request's correlation data; under 3.1.1 (no correlation data) the one on `answer_topic` that `is_answer` takes.
     """
     v5 = config.protocol == 5
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"{config.client_id}-ctl-{os.urandom(4).hex()}",
-        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
-        reconnect_on_failure=False,
-    )
-    if config.username:
-        client.username_pw_set(config.username, password.reveal() if password else None)
-    if config.tls.enabled:
-        client.tls_set(ca_certs=config.tls.ca_file, certfile=config.tls.cert_file, keyfile=config.tls.key_file)
-        client.tls_insecure_set(config.tls.insecure)
+    client = _command_line_client(config, password)
     correlation = os.urandom(8)
     answers: list[bytes] = []
     subscribed: list[int] = []
@@ -682,3 +679,42 @@ def request(
     finally:
         client.disconnect()
     return answers[0] if answers else None
+
+
+def follow(config: MqttConfig, password: Secret | None, topic_filter: str) -> Iterator[bytes]:
+    """The payloads of the messages on `topic_filter` as they come, for the command line (`ctl tail`), until the
+    caller stops iterating. Raises OSError when the broker cannot be reached or the connection is lost."""
+    client = _command_line_client(config, password)
+    payloads: list[bytes] = []
+    lost: list[str] = []
+    client.on_message = lambda client, userdata, msg: payloads.append(bytes(msg.payload))
+    client.on_disconnect = lambda client, userdata, flags, reason, properties: lost.append(str(reason))
+    client.connect(config.host, config.port, keepalive=config.keepalive_seconds)
+    try:
+        client.subscribe(topic_filter, qos=0)
+        while not lost:
+            rc = client.loop(timeout=0.2)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                lost.append(paho.error_string(rc))
+            while payloads:
+                yield payloads.pop(0)
+        raise OSError(f"the connection to the broker was lost: {lost[0]}")
+    finally:
+        client.disconnect()
+
+
+def _command_line_client(config: MqttConfig, password: Secret | None) -> paho.Client:
+    """A client of its own for the command line, never the supervisor's client id (the broker would disconnect the
+    supervisor): that id plus `-ctl-<random>`, with a clean session."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=f"{config.client_id}-ctl-{os.urandom(4).hex()}",
+        protocol=paho.MQTTv5 if config.protocol == 5 else paho.MQTTv311,
+        reconnect_on_failure=False,
+    )
+    if config.username:
+        client.username_pw_set(config.username, password.reveal() if password else None)
+    if config.tls.enabled:
+        client.tls_set(ca_certs=config.tls.ca_file, certfile=config.tls.cert_file, keyfile=config.tls.key_file)
+        client.tls_insecure_set(config.tls.insecure)
+    return client

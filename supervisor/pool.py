@@ -25,6 +25,7 @@ from contracts import (
     Handled,
     Heartbeat,
     LimitReached,
+    Logged,
     Message,
     Outbound,
     Publish,
@@ -39,6 +40,7 @@ from contracts.homeassistant import DeclaredEntity
 from supervisor import control
 from supervisor.config import Settings, WorkerSettings
 from supervisor.errors import ChannelClosed, ControlError
+from supervisor.logrelay import about
 from supervisor.loop import Loop
 from supervisor.processes import ExitStatus, WorkerProcess, shared_word
 from supervisor.publishing import Publisher
@@ -67,6 +69,12 @@ class PoolEvents(Protocol):
     def worker_ended(self, worker: str) -> None:
         """A process of `worker` ended (its slot says how, and what happens next)."""
 
+    def worker_removed(self, worker: str) -> None:
+        """`worker`'s slot is gone (a reload removed its section), its process ended."""
+
+    def logged(self, worker: str, logged: Logged) -> None:
+        """`worker` sent log lines (for its log topic)."""
+
     def escalate(self) -> None:
         """A `significant` worker failed: the supervisor must stop."""
 
@@ -81,25 +89,53 @@ class WorkerPool:
         self.publisher = publisher
         self.events = events
         self.slots: dict[str, WorkerSlot] = {}
+        self.stopping = False
+        self._context: object = None  # set by `start`
+        self._inherited: Callable[[], Iterable[int]] = list
         for worker in settings.workers:
             self.add(worker)
-        self.stopping = False
-        self._context: object = None
-        self._inherited: Callable[[], Iterable[int]] = list
 
     def add(self, worker: WorkerSettings) -> WorkerSlot:
-        """A slot for the worker `worker` describes, not started yet (`start` starts them all, `start_worker` one).
-        Every configured worker comes in here; one added while running will too, once its routes and entities are
-        wired up as well (not yet: `Routing` and `EntityBundle` take theirs at construction)."""
+        """A slot for the worker `worker` describes; every configured worker comes in here. Before `start` it is
+        started with the others; after (a reload added it), now."""
         slot = self.slots[worker.name] = WorkerSlot(worker, RestartTracker(worker.supervision))
+        if self._context is not None:
+            self._begin(slot)
         return slot
+
+    def replace(self, worker: WorkerSettings) -> None:
+        """Run worker `worker.name` with new settings (a reload changed its section or its module): its process
+        finishes the message in hand and exits, and one with the new settings starts."""
+        slot = self.slots[worker.name]
+        slot.settings = worker
+        slot.tracker = RestartTracker(worker.supervision)
+        if slot.process is not None:
+            self._ask_to_exit(slot, "reload")
+            return
+        slot.cancel_timer()
+        self._begin(slot)
+
+    def remove(self, name: str) -> None:
+        """Stop worker `name` for good and forget it once its process is gone (a reload removed its section)."""
+        slot = self.slots[name]
+        if slot.process is not None:
+            self._ask_to_exit(slot, "remove")
+        else:
+            self._forget(slot)
+
+    def _forget(self, slot: WorkerSlot) -> None:
+        slot.cancel_timer()
+        self._given_up(slot, slot.drop_queued())
+        del self.slots[slot.name]
+        self.events.worker_removed(slot.name)
+        log.info("worker %s removed", slot.name)
 
     def start(self, context: object, inherited: Callable[[], Iterable[int]]) -> None:
         """Start every worker, with `context` (see `processes.start_method_context`); `inherited`: the descriptors
         each new process must close."""
         self._context, self._inherited = context, inherited
         for slot in self.slots.values():
-            self._start(slot)
+            self._begin(slot)
         self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
         self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory)
 
@@ -132,6 +168,14 @@ class WorkerPool:
 
     # Processes ----------------------------------------------------------------------------------------------------
 
+    def _begin(self, slot: WorkerSlot) -> None:
+        """Start its process, or mark it failed when its worker cannot be loaded."""
+        if slot.settings.load_error is None:
+            self._start(slot)
+            return
+        self._given_up(slot, slot.cannot_load())
+        log.error("worker %s cannot run: %s", slot.name, slot.settings.load_error, extra=about(slot.name))
+
     def _start(self, slot: WorkerSlot) -> None:
         state_dir = self.settings.state_dir / "workers" / slot.name
         level = logging.getLevelName(log.getEffectiveLevel())
@@ -139,7 +183,14 @@ class WorkerPool:
             slot.in_handler = shared_word(self._context)
         inherited = list(self._inherited())
         process = WorkerProcess(
-            self._context, slot.settings, self.site, str(state_dir), level, inherited, slot.in_handler
+            self._context,
+            slot.settings,
+            self.site,
+            str(state_dir),
+            level,
+            inherited,
+            slot.in_handler,
+            self.settings.supervisor.mqtt_log_level,
         )
         slot.starting(process, self.loop.clock())
         self.loop.add_reader(process.channel, lambda: self._read(slot, process))
@@ -170,12 +221,18 @@ class WorkerPool:
             case LimitReached(limit=limit):
                 assert slot.process is not None
                 slot.process.limit_reached = limit
-                log.error("worker %s (pid %d) reached its limit: %s", slot.name, slot.process.pid, limit)
+                log.error(
+                    "worker %s (pid %d) reached its limit: %s",
+                    slot.name,
+                    slot.process.pid,
+                    limit,
+                    extra=about(slot.name),
+                )
             case StartFailed(error=error):
                 assert slot.process is not None
                 slot.process.start_error = error
                 slot.errors[ErrorKind.START] += 1
-                log.error("worker %s could not start: %s", slot.name, error)
+                log.error("worker %s could not start: %s", slot.name, error, extra=about(slot.name))
             case Started(pid=pid):
                 slot.running(now, datetime.now(UTC).isoformat(timespec="seconds"))
                 self.events.entities_declared(slot.name, None)  # what it declared in on_start came before
@@ -186,6 +243,8 @@ class WorkerPool:
                 slot.report(facts)
             case Subscribe(topic_filter=topic_filter, qos=qos):
                 self.events.subscribed(slot.name, topic_filter, qos)
+            case Logged():
+                self.events.logged(slot.name, envelope)
             case Heartbeat():
                 pass
 
@@ -235,11 +294,16 @@ class WorkerPool:
         return RestartReason.EXIT if status.abnormal else RestartReason.NORMAL
 
     def _after_exit(self, slot: WorkerSlot, status: ExitStatus, reason: RestartReason) -> None:
-        if slot.command is not None:  # a person asked for this exit
+        if slot.command is not None:  # a person or a reload asked for this exit
             command, slot.command = slot.command, None
             if command == "restart":
                 slot.restarts[RestartReason.COMMAND] += 1
                 self._start(slot)
+            elif command == "reload":
+                slot.restarts[RestartReason.RELOAD] += 1
+                self._begin(slot)
+            elif command == "remove":
+                self._forget(slot)
             else:
                 self._stop_for_good(slot)
             return
@@ -247,7 +311,13 @@ class WorkerPool:
         match decision.verdict:
             case Verdict.RESTART:
                 slot.backing_off(reason, self.loop.call_later(decision.delay, lambda: self._start(slot)))
-                log.warning("worker %s ended: %s; restarting in %.2f s", slot.name, slot.last_exit, decision.delay)
+                log.warning(
+                    "worker %s ended: %s; restarting in %.2f s",
+                    slot.name,
+                    slot.last_exit,
+                    decision.delay,
+                    extra=about(slot.name),
+                )
             case Verdict.STAY_STOPPED:
                 slot.stopped()
                 restart = slot.settings.supervision.restart
@@ -261,6 +331,7 @@ class WorkerPool:
                     policy.max_restarts,
                     policy.restart_window_seconds,
                     slot.last_exit,
+                    extra=about(slot.name),
                 )
                 if decision.verdict is Verdict.ESCALATE:
                     log.critical("worker %s is significant: stopping the supervisor", slot.name)
@@ -276,13 +347,18 @@ class WorkerPool:
 
     def _terminate(self, slot: WorkerSlot) -> None:
         if slot.process is not None:
-            log.warning("worker %s did not stop in time; terminating pid %d", slot.name, slot.process.pid)
+            log.warning(
+                "worker %s did not stop in time; terminating pid %d",
+                slot.name,
+                slot.process.pid,
+                extra=about(slot.name),
+            )
             slot.process.terminate()
             slot.timer = self.loop.call_later(_KILL_GRACE_SECONDS, slot.process.kill)
 
     def _kill(self, slot: WorkerSlot, reason: RestartReason, detail: str) -> None:
         assert slot.process is not None
-        log.error("worker %s (pid %d) %s; killing it", slot.name, slot.process.pid, detail)
+        log.error("worker %s (pid %d) %s; killing it", slot.name, slot.process.pid, detail, extra=about(slot.name))
         slot.kill_reason = reason
         slot.errors[ErrorKind(reason.value)] += 1  # DEADLINE, HEARTBEAT and MEMORY are error kinds too
         slot.process.kill()
@@ -367,7 +443,12 @@ class WorkerPool:
             raise ControlError("the supervisor is stopping")
         if name not in self.slots:
             raise ControlError(f"no worker named {name!r}; workers: {', '.join(self.slots) or 'none'}")
-        return self.slots[name]
+        slot = self.slots[name]
+        if slot.command == "remove":
+            raise ControlError(f"worker {name} is being removed (its section is gone from the config)")
+        if slot.settings.load_error is not None:
+            raise ControlError(f"worker {name} cannot run: {slot.settings.load_error}; fix it, then reload")
+        return slot
 
     def _ask_to_exit(self, slot: WorkerSlot, command: str) -> None:
         """Ask the process to finish its messages and exit; `command` says what happens then."""

@@ -106,10 +106,12 @@ class WorkerProcess:
         log_level: str,
         inherited: list[int],
         in_handler: Any,
+        mqtt_log_level: str = "OFF",
     ) -> None:
         """Start the worker. `inherited`: the supervisor's descriptors, which a forked child must release;
         `in_handler`: the shared word in which the worker keeps the id of the message it is handling (see
-        `supervisor.worker_loop`), made by `shared_word`."""
+        `supervisor.worker_loop`), made by `shared_word`; `mqtt_log_level`: its lines from this level on go to
+        the supervisor too (`supervisor.logrelay`)."""
         ours, theirs = socket.socketpair()
         forked = context.get_start_method() == "fork"
         if forked:
@@ -142,6 +144,7 @@ class WorkerProcess:
             memory_limit_mb=settings.memory_limit_mb,
             cpu_nice=settings.supervision.cpu_nice,
             max_open_files=settings.supervision.max_open_files,
+            mqtt_log_level=mqtt_log_level,
         )
         in_handler.value = 0
         self.in_handler = in_handler

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import pkgutil
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +20,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def discover(
-    packages: Sequence[str], broken: dict[str, str] | None = None
+    packages: Sequence[str], broken: dict[str, str] | None = None, kept: dict[str, str] | None = None
 ) -> dict[str, type[Worker]]:  # type: ignore[type-arg]
     """Import every module of each package in `packages` and return its workers by name.
 
@@ -25,10 +28,13 @@ def discover(
     without a valid `name`, docstring or strict `Config` is an error (ConfigError); given `broken`, it is recorded
     there instead (module name -> the error, one line) and skipped, so that one half-written file stops nothing
     else. Two workers with one name are always an error.
+
+    Given `kept` (a reload), a module whose file changed since it was imported is imported again; when its new
+    version is broken, the error is recorded in `kept` instead and the version imported before stays in use.
     """
     found: dict[str, type[Worker]] = {}  # type: ignore[type-arg]
     for package_name in packages:
-        for cls in _workers_in_package(package_name, broken):
+        for cls in _workers_in_package(package_name, broken, kept):
             other = found.get(cls.name)
             if other is not None and other is not cls:
                 raise ConfigError(
@@ -40,7 +46,9 @@ def discover(
     return dict(sorted(found.items()))
 
 
-def _workers_in_package(package_name: str, broken: dict[str, str] | None) -> list[type[Worker]]:  # type: ignore[type-arg]
+def _workers_in_package(
+    package_name: str, broken: dict[str, str] | None, kept: dict[str, str] | None
+) -> list[type[Worker]]:  # type: ignore[type-arg]
     try:
         package = importlib.import_module(package_name)
     except ImportError as exc:
@@ -54,13 +62,18 @@ def _workers_in_package(package_name: str, broken: dict[str, str] | None) -> lis
             continue
         module_name = f"{package_name}.{info.name}"
         try:
-            workers += _workers_in_module(module_name)
+            workers += _workers_in_module(module_name, again=kept is not None)
         except ConfigError as exc:
-            if broken is None:
-                raise
             finder_path = getattr(info.module_finder, "path", "")
             path = Path(finder_path) / (info.name if info.ispkg else f"{info.name}.py")
-            broken[module_name] = f"{path}: {exc.problem}"
+            loaded_before = sys.modules.get(module_name)
+            if kept is not None and loaded_before is not None and module_name in _loaded:
+                kept[module_name] = f"{path}: {exc.problem}"
+                workers += _workers_of(loaded_before)
+            elif broken is not None:
+                broken[module_name] = f"{path}: {exc.problem}"
+            else:
+                raise
     return workers
 
 
@@ -82,14 +95,46 @@ def source_mtime(module: object) -> int | None:
         return None
 
 
-def _workers_in_module(module_name: str) -> list[type[Worker]]:  # type: ignore[type-arg]
+def forget_bytecode(module: object) -> None:
+    """Remove `module`'s cached bytecode, which Python would take for the source when the file was saved again
+    within the same second at the same size."""
+    path = getattr(module, "__file__", None)
+    if path:
+        with contextlib.suppress(OSError, ValueError):
+            os.unlink(importlib.util.cache_from_source(path))
+
+
+def changed_on_disk(module_name: str) -> bool:
+    """True when worker module `module_name` was imported here and its file changed since (one stat)."""
+    module = sys.modules.get(module_name)
+    return module is not None and module_name in _loaded and source_mtime(module) != _loaded[module_name]
+
+
+def _workers_in_module(module_name: str, again: bool) -> list[type[Worker]]:  # type: ignore[type-arg]
+    """The workers of module `module_name`, imported now, or `again` when its file changed since it was. Raises
+    ConfigError, leaving the version imported before (if any) in place."""
+    before = sys.modules.get(module_name) if again and changed_on_disk(module_name) else None
+    if before is not None:
+        del sys.modules[module_name]  # a fresh module object: the running workers' classes keep their old globals
+        forget_bytecode(before)
     try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any error in a dropped-in module is reported as that module's fault
-        raise ConfigError(module_name, "", f"cannot import worker module: {type(exc).__name__}: {exc}") from exc
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # any error in a dropped-in module is reported as that module's fault
+            raise ConfigError(module_name, "", f"cannot import worker module: {type(exc).__name__}: {exc}") from exc
+        workers = _workers_of(module)
+    except ConfigError:
+        if before is not None:
+            sys.modules[module_name] = before
+        raise
     mtime = source_mtime(module)
     if mtime is not None:
         _loaded[module_name] = mtime
+    return workers
+
+
+def _workers_of(module: object) -> list[type[Worker]]:  # type: ignore[type-arg]
+    module_name = getattr(module, "__name__", "")
     workers = []
     for _, cls in inspect.getmembers(module, inspect.isclass):
         if issubclass(cls, Worker) and cls is not Worker and cls.__module__ == module_name:

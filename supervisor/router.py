@@ -27,6 +27,8 @@ class Router:
     """Maps topics to the workers subscribed to them, and gives each filter a subscription id for the broker."""
 
     def __init__(self) -> None:
+        self._added: list[tuple[str, str, int, bool, bool]] = []  # (worker, filter, qos, commands, local), in order
+        self._ids: dict[str, int] = {}  # filter -> its subscription id, kept while the router lives
         self._routes: list[tuple[list[str], str, int]] = []
         self._filters: dict[str, tuple[int, int]] = {}  # filter -> (sub_id, highest qos)
         self._cache: dict[str, tuple[tuple[str, int], ...]] = {}
@@ -39,16 +41,30 @@ class Router:
     ) -> None:
         for topic_filter in topic_filters:
             check_filter(topic_filter)
-            sub_id, known_qos = self._filters.get(topic_filter, (len(self._filters) + 1, 0))
-            self._filters[topic_filter] = (sub_id, max(qos, known_qos))
-            self._routes.append((_levels(topic_filter), worker, sub_id))
-            if commands:
-                self._commands.add((worker, sub_id))
-            if local:
-                self._local.add((worker, sub_id))
-            else:
-                self._broker.add(topic_filter)
+            self._added.append((worker, topic_filter, qos, commands, local))
+            self._route(worker, topic_filter, qos, commands, local)
         self._cache.clear()
+
+    def remove(self, worker: str) -> None:
+        """Route nothing to `worker` any more. The other filters keep their subscription ids."""
+        kept = [added for added in self._added if added[0] != worker]
+        self._added, self._routes, self._filters = kept, [], {}
+        self._commands, self._local, self._broker = set(), set(), set()
+        for added in kept:
+            self._route(*added)
+        self._cache.clear()
+
+    def _route(self, worker: str, topic_filter: str, qos: int, commands: bool, local: bool) -> None:
+        sub_id = self._ids.setdefault(topic_filter, len(self._ids) + 1)
+        known_qos = self._filters.get(topic_filter, (sub_id, 0))[1]
+        self._filters[topic_filter] = (sub_id, max(qos, known_qos))
+        self._routes.append((_levels(topic_filter), worker, sub_id))
+        if commands:
+            self._commands.add((worker, sub_id))
+        if local:
+            self._local.add((worker, sub_id))
+        else:
+            self._broker.add(topic_filter)
 
     def routes_to(self, worker: str, topic_filter: str) -> bool:
         """True when `topic_filter` was added for `worker`."""

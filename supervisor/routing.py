@@ -21,7 +21,7 @@ from supervisor.dedupe import Deduplicator
 from supervisor.delivery import Deliveries
 from supervisor.errors import ConfigError
 from supervisor.mqtt import Incoming, MqttLink
-from supervisor.router import InvalidTopicFilter, Router, covers, overlap
+from supervisor.router import InvalidTopicFilter, Router
 from supervisor.slot import Offer, WorkerSlot
 
 log = logging.getLogger("supervisor")
@@ -80,12 +80,28 @@ class Routing:
         self.clock = clock
         self.dedupe: Deduplicator | None = None  # set once opened, when a worker deduplicates
         self.stopping = False
-        for slot in slots.values():
-            for s in worker_subscriptions(slot.settings, site):
-                self.router.add(slot.name, [s.topic_filter], s.qos, commands=s.commands, local=s.local)
+        self.reroute(remove=[], add=[slot.settings for slot in slots.values()])
         self.router.add(control.NAME, control_api.filters, qos=1, commands=True)
-        self._with_ids = settings.mqtt.protocol == 5 and self.router.overlapping()
-        link.subscribe(self.router.broker_filters(with_ids=self._with_ids), self._with_ids)
+        self._resubscribe()
+
+    def reroute(self, remove: list[str], add: list[WorkerSettings]) -> None:
+        """Route nothing more to the workers named in `remove`, then route to each worker in `add` what it
+        subscribes to (a reload: a worker changed is in both), and give the link the subscriptions that needs, in
+        one go: a filter both before and after stays subscribed throughout. Raises ConfigError for an invalid
+        subscription, before changing anything."""
+        subscriptions = [(worker.name, worker_subscriptions(worker, self.site)) for worker in add]
+        for name in remove:
+            self.router.remove(name)
+        for name, its in subscriptions:
+            for s in its:
+                self.router.add(name, [s.topic_filter], s.qos, commands=s.commands, local=s.local)
+        self._resubscribe()
+
+    def _resubscribe(self) -> None:
+        """Give the link the subscriptions the routes need now (it sends only what changed). Under MQTT 5 they
+        carry subscription ids while two filters overlap; under 3.1.1 a filter another covers is left out."""
+        with_ids = self.settings.mqtt.protocol == 5 and self.router.overlapping()
+        self.link.subscribe(self.router.broker_filters(with_ids=with_ids), with_ids)
 
     def message_received(self, message: Incoming) -> None:
         """Route a message from the broker. QoS >= 1 is acknowledged once every receiver has finished it."""
@@ -145,24 +161,10 @@ class Routing:
 
     def subscribe(self, worker: str, topic_filter: str, qos: int) -> None:
         """Route `topic_filter` to `worker` too (a worker's own subscription, made while it runs)."""
-        router = self.router
-        if router.routes_to(worker, topic_filter):
-            return
-        new = router.sub_id(topic_filter) is None
-        known = [f for f, _, _ in router.broker_filters(with_ids=True)]
-        v5 = self.settings.mqtt.protocol == 5
-        covered = not v5 and any(covers(f, topic_filter) for f, _, _ in router.broker_filters(with_ids=False))
-        overlapping = v5 and not self._with_ids and any(overlap(f, topic_filter) for f in known if f != topic_filter)
-        router.add(worker, [topic_filter], qos)
-        log.info("worker %s subscribed to %s", worker, topic_filter)
-        if overlapping:  # from now on the broker must say which filter each copy of a message is for
-            self._with_ids = True
-            self.link.subscribe(router.broker_filters(with_ids=True), True)
-            self.link.subscribe_again()
-        elif new and not covered:
-            sub_id = router.sub_id(topic_filter)
-            assert sub_id is not None
-            self.link.add_subscription(topic_filter, qos, sub_id)
+        if not self.router.routes_to(worker, topic_filter):
+            self.router.add(worker, [topic_filter], qos)
+            log.info("worker %s subscribed to %s", worker, topic_filter)
+            self._resubscribe()
 
     def _for_the_supervisor(self, message: Incoming) -> None:
         """A message for the supervisor itself: a control request or a restart button press."""

@@ -5,6 +5,7 @@ in the methods of "Lifecycle", so its state machine reads in one place:
 
     STOPPED/BACKOFF/FAILED --starting--> STARTING --running--> RUNNING --stopping--> STOPPING
     any state with a process --ended--> then backing_off (BACKOFF), stopped (STOPPED) or failed (FAILED)
+    any state without a process --cannot_load--> FAILED (its worker's module is broken)
 
 The worker handles its messages in order and reports them finished once per batch it read, so after a death the
 messages still in flight may have been finished already, be waiting, or be the one in the handler; the process says
@@ -62,6 +63,7 @@ class RestartReason(StrEnum):
     HEARTBEAT = "heartbeat"  # the supervisor killed it: silent while idle
     MEMORY = "memory"  # it reached its memory limit, or the supervisor killed it for passing it
     COMMAND = "command"  # a person asked (control API, restart button)
+    RELOAD = "reload"  # a config reload changed its section or its module
 
     @property
     def crash(self) -> bool:
@@ -105,7 +107,9 @@ class WorkerSlot:
     in_handler: Any = None  # the shared word each of its processes writes (`processes.shared_word`), made once
     kill_reason: RestartReason | None = None  # the supervisor killed the process: DEADLINE or HEARTBEAT
     timer: TimerHandle | None = None
-    command: str | None = None  # "stop" or "restart", asked for by a person, carried out once the process exits
+    # What to do once the process exits, asked for by a person or a reload: "stop", "restart", "reload" (start it
+    # with its new settings) or "remove" (forget it)
+    command: str | None = None
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # last: +Inf
     latency_sum: float = 0.0
     facts: WorkerFacts = field(default_factory=WorkerFacts)  # what the worker reported about its own work
@@ -160,6 +164,13 @@ class WorkerSlot:
     def failed(self) -> list[Message]:
         """It restarted too often: down until a person restarts it. Returns its queued messages, now dropped."""
         self.state = WorkerState.FAILED
+        return self.drop_queued()
+
+    def cannot_load(self) -> list[Message]:
+        """Its worker cannot be loaded (`settings.load_error`): down until a reload finds it fixed. Returns its
+        queued messages, now dropped."""
+        self.state = WorkerState.FAILED
+        self.last_exit = self.settings.load_error
         return self.drop_queued()
 
     def cancel_timer(self) -> None:

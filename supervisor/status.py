@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import msgspec
 
 from contracts import Site
-from contracts.status import MqttStatus, Status, WorkerState, WorkerStatus
+from contracts.status import MqttStatus, ReloadStatus, Status, WorkerState, WorkerStatus
 from supervisor.loop import Loop
 from supervisor.slot import WorkerSlot
 
@@ -58,6 +58,7 @@ class StatusReporter:
         self._last: Status | None = None
         self._last_sent = 0.0
         self._stopped = False  # the final document is out: nothing may replace it
+        self.last_reload: ReloadStatus | None = None
 
     def start(self) -> None:
         self.loop.call_later(_CHECK_SECONDS, self._tick)
@@ -101,7 +102,7 @@ class StatusReporter:
     def snapshot(self, stopped: bool = False) -> Status:
         """The status document now; `stopped`: the last one of a clean stop."""
         workers = {name: _worker_status(slot) for name, slot in self.slots.items()}
-        problems = [] if stopped else _problems(self.slots, self.link.connected)
+        problems = [] if stopped else _problems(self.slots, self.link.connected) + _reload_problems(self.last_reload)
         if stopped:
             overall = "stopped"
         elif any(slot.state is WorkerState.FAILED for slot in self.slots.values()):
@@ -133,7 +134,18 @@ class StatusReporter:
             ai_enabled=any(ai) if ai else None,
             event_count=sum(events) if events else None,
             workers=workers,
+            last_reload=self.last_reload,
         )
+
+    def reloaded(self, outcome: ReloadStatus) -> None:
+        """A reload of the config was tried: in the status now."""
+        self.last_reload = outcome
+        self._publish_status(force=False)
+
+    def forget(self, worker: str) -> None:
+        """`worker` is gone (a reload removed it)."""
+        self._available.pop(worker, None)
+        self._publish_status(force=False)
 
     def worker_ended(self) -> None:
         """A worker's process ended: the status now, not at the next tick, so that a crash and its restart count
@@ -166,7 +178,9 @@ def _problems(slots: Mapping[str, WorkerSlot], connected: bool) -> list[str]:
     """What keeps the status from `ok`, one line each."""
     problems = [] if connected else ["not connected to the MQTT broker"]
     for name, slot in slots.items():
-        if slot.state is WorkerState.FAILED:
+        if slot.settings.load_error is not None:
+            problems.append(f"worker {name} cannot run: {slot.settings.load_error}; fix it, then reload")
+        elif slot.state is WorkerState.FAILED:
             problems.append(f"worker {name} has failed (last: {slot.last_exit}); restart it by command")
         elif slot.state is WorkerState.BACKOFF:
             problems.append(f"worker {name} is waiting to be restarted (last: {slot.last_exit})")
@@ -174,6 +188,16 @@ def _problems(slots: Mapping[str, WorkerSlot], connected: bool) -> list[str]:
             problems.append(f"worker {name} is starting")
         elif slot.failing:
             problems.append(f"worker {name}: its last {len(slot.outcomes)} messages or runs failed")
+    return problems
+
+
+def _reload_problems(reload: ReloadStatus | None) -> list[str]:
+    if reload is None:
+        return []
+    problems = [] if reload.ok else [f"the config was not reloaded (running on unchanged): {reload.error}"]
+    problems += [f"worker module {m}: its new version was not loaded: {e}" for m, e in reload.kept_modules.items()]
+    if reload.restart_needed:
+        problems.append(f"restart the supervisor to apply {', '.join(reload.restart_needed)}")
     return problems
 
 

@@ -291,5 +291,3 @@ class WorkerContext:
                 self.report_error("handler", f"{type(exc).__name__}: {exc} ({what})")
 
         return run
-
-

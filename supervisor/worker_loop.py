@@ -39,6 +39,7 @@ from contracts import (
     Worker,
 )
 from supervisor.channel import Channel
+from supervisor.logrelay import Relay
 from supervisor.loop import Loop
 from supervisor.worker_context import WorkerContext
 
@@ -67,6 +68,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     memory_limit_mb: int | None = None
     cpu_nice: int | None = None
     max_open_files: int | None = None
+    mqtt_log_level: str = "OFF"  # its log lines at or above this go to the supervisor too (`supervisor.logrelay`)
 
 
 class Handling:
@@ -114,6 +116,7 @@ class WorkerLoop:
         worker: Worker,  # type: ignore[type-arg]
         channel: Channel[Inbound],
         in_handler: Any,
+        log_relay: Relay | None = None,
     ) -> None:
         state_dir = Path(spec.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -121,6 +124,7 @@ class WorkerLoop:
         self.worker = worker
         self.channel = channel
         self.in_handler = in_handler
+        self.log_relay = log_relay
         self.loop = Loop()
         self.ctx = WorkerContext(spec.name, worker.config, state_dir, self.loop, spec.site, title=spec.title)
         self.handling: Handling | None = None  # made at start: `subscriptions()` runs then, under the start's policy
@@ -184,6 +188,9 @@ class WorkerLoop:
 
     def _flush(self) -> None:
         """Send everything the worker queued, blocking while the supervisor's side of the pipe is full."""
+        logged = self.log_relay.take() if self.log_relay is not None else None
+        if logged is not None:
+            self.ctx.outgoing.append(logged)
         if self.ctx.outgoing:
             self.channel.send(self.ctx.outgoing)
             self.ctx.outgoing.clear()

@@ -32,6 +32,7 @@ from contracts import Inbound, LimitReached, StartFailed, Worker
 from supervisor import registry, secrets
 from supervisor.channel import Channel
 from supervisor.errors import ChannelClosed
+from supervisor.logrelay import Relay
 from supervisor.worker_loop import WorkerLoop, WorkerSpec
 
 _PR_SET_PDEATHSIG = 1
@@ -54,16 +55,21 @@ def run(spec: WorkerSpec, sock: Any, in_handler: Any) -> None:
         stream=sys.stderr,
         force=True,
     )
+    relay = None
+    if spec.mqtt_log_level != "OFF":
+        relay = Relay(spec.mqtt_log_level)
+        logging.getLogger().addHandler(relay)
     channel: Channel[Inbound] = Channel(sock, Inbound)
     try:
         worker = _build(spec)
     except Exception as exc:  # policy: a worker that cannot be built (its changed module broken) failed to start
         logging.getLogger(f"workers.{spec.name}").exception("cannot build the worker")
+        logged = relay.take() if relay is not None else None
         with contextlib.suppress(Exception):
-            channel.send([StartFailed(error=f"{type(exc).__name__}: {exc}")])
+            channel.send([*([logged] if logged else []), StartFailed(error=f"{type(exc).__name__}: {exc}")])
         os._exit(1)
     try:
-        code = WorkerLoop(spec, worker, channel, in_handler).run()
+        code = WorkerLoop(spec, worker, channel, in_handler, relay).run()
     except ChannelClosed:
         code = 0  # the supervisor went away while we were writing to it
     except MemoryError:  # policy: the memory limit is reached; what held the memory is gone with the loop's frames
@@ -86,6 +92,7 @@ def _build(spec: WorkerSpec) -> Worker:  # type: ignore[type-arg]
     module = importlib.import_module(spec.module)
     if imported and spec.module_mtime_ns is not None and registry.source_mtime(module) != spec.module_mtime_ns:
         logging.getLogger(f"workers.{spec.name}").info("its module %s changed on disk; loading it again", spec.module)
+        registry.forget_bytecode(module)
         module = importlib.reload(module)
     worker_class = getattr(module, spec.qualname)
     worker = worker_class()
@@ -172,5 +179,3 @@ def name_process(name: str, title: str | None = None) -> None:
     if start and end > start:
         ctypes.memmove(start, data, len(data))
         ctypes.memset(start + len(data), 0, end - start - len(data))
-
-

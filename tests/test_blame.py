@@ -92,9 +92,7 @@ def test_a_worker_that_exits_with_code_3_is_a_crash_not_a_failed_start(
 def test_a_failed_start_is_reported_as_such(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
     mqtt.subscribe(f"{prefix}/#")
     supervisors.start({"broken_start": {"backoff_min_seconds": 0.01, "max_restarts": 100}})
-    status = mqtt.wait_for(
-        f"{supervisors.base}/status", lambda m: m.json()["workers"]["broken_start"]["restarts"] >= 1
-    )
+    status = mqtt.wait_for(f"{supervisors.base}/status", lambda m: m.json()["workers"]["broken_start"]["restarts"] >= 1)
     worker = status[-1].json()["workers"]["broken_start"]
     assert set(worker["restart_reasons"]) == {"start_failed"}
     assert worker["last_exit"].endswith("(start_failed)")

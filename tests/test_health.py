@@ -293,7 +293,7 @@ def test_status_request_without_a_response_topic_replies_on_the_response_topic_o
         ("restart", '{"worker": "nope"}', "no worker named 'nope'; workers: echo"),
         ("restart", "not json", 'expected JSON like {"worker": "<name>"}, got'),
         ("stop", '["echo"]', 'expected {"worker": "<name>"}, got'),
-        ("reboot", "{}", "unknown action 'reboot'; expected one of: republish, restart, start, status, stop"),
+        ("reboot", "{}", "unknown action 'reboot'; expected one of: reload, republish, restart, start, status, stop"),
         ("start", '{"worker": "echo"}', "worker echo is already running (pid "),
     ],
 )

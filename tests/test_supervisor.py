@@ -461,16 +461,6 @@ def test_a_subscription_made_while_running_takes_effect_and_delivers_once(
         assert len(echoes(mqtt, out, "hello")) == 1, out
 
 
-def test_sighup_is_logged_and_changes_nothing(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
-    process = start(supervisors, mqtt, {"echo": echo(prefix)})
-    process.signal(signal.SIGHUP)
-    process.wait_log("received SIGHUP: reloading the config is not supported yet; running on unchanged")
-    mqtt.publish(f"{prefix}/in/x", "after the hang-up")
-    wait_echo(mqtt, f"{prefix}/out/echo", "after the hang-up")
-    assert len(started_pids(mqtt, f"{prefix}/out/echo")) == 1  # the worker too is as it was
-    assert process.process.poll() is None
-
-
 def test_each_process_shows_what_it_is_in_top(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
     process = start(supervisors, mqtt, {"echo": echo(prefix), "a_long_worker_name": echo(prefix, "a_long_worker_name")})
     names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in descendants(process.pid)}

@@ -549,7 +549,6 @@ def test_a_request_waiting_on_the_model_is_answered_by_rules_when_the_supervisor
     assert "worker ai_analyzer stopped: exit code 0" in supervisors.started[0].log()
 
 
-
 def test_a_model_not_there_at_start_is_said_once_and_rules_answer_at_once_until_it_comes(
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
 ) -> None:

@@ -124,6 +124,7 @@ def test_unchanged_configs_are_skipped_and_undeclared_ones_removed_after_a_resta
     mqtt.wait_for(dropped)
     first.signal(signal.SIGTERM)
     assert first.wait() == 0
+
     def sent() -> int:  # live publications (the probe's re-subscription replays the retained one too)
         return len(mqtt.received(kept, lambda m: not m.retain))
 
@@ -157,9 +158,7 @@ def test_home_assistants_birth_brings_discovery_and_availability_again(
     mqtt.wait_for(f"{supervisors.base}/status", count=statuses_before + 1)
 
 
-def test_an_entity_follows_its_worker_down_and_up(
-    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
-) -> None:
+def test_an_entity_follows_its_worker_down_and_up(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
     start(supervisors, mqtt, prefix, declarer={"sensors": ["temperature"]})
     availability = f"{supervisors.base}/worker/declarer/availability"
     mqtt.wait_for(availability, lambda m: m.text == "online")
@@ -277,3 +276,27 @@ def test_a_second_supervisor_on_another_host_adds_its_own_entities_beside_the_fi
         mqtt.wait_for(f"{base}/ha_responder/devices", lambda m: m.text == "1")
         assert {m.text for m in mqtt.received(f"{base}/ha_responder/devices")} <= {"0", "1"}, base
     mqtt.publish(f"{prefix}/ha/light/zb/kitchen/config", "", retain=True)
+
+
+def test_a_reload_removes_a_removed_workers_entities_and_adds_an_added_ones(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    process = start(supervisors, mqtt, prefix, declarer={"sensors": ["temperature"]})
+    # The supervisor: a status sensor and 5 entities per worker (2 workers); ha_responder: 3 sensors; declarer: 1.
+    wait_until(lambda: len(configs(mqtt, prefix)) == 1 + 5 * 2 + 3 + 1, 10, "every discovery config")
+    declarer = [t for t in configs(mqtt, prefix) if "declarer_" in t]
+    assert len(declarer) == 5 + 1
+    tables = ha_tables(prefix)
+    workers = {"ha_responder": tables.pop("responder"), "echo": {"topics": [f"{prefix}/in"], "out": f"{prefix}/o"}}
+    process.config_path.write_text(supervisors.config(workers, **tables).read_text())
+    process.signal(signal.SIGHUP)
+    # The declarer's entities (its own and the supervisor's about it) go; the echo worker's come.
+    wait_until(lambda: not any(t in configs(mqtt, prefix) for t in declarer), 10, "the removed worker's entities gone")
+    for topic in declarer:
+        assert mqtt.received(topic)[-1].payload == b""  # an empty retained config: Home Assistant removes it
+    wait_until(
+        lambda: config_topic(prefix, "binary_sensor", f"{node(prefix)}_echo_running") in configs(mqtt, prefix),
+        10,
+        "the added worker's entities",
+    )
+    assert len(configs(mqtt, prefix)) == 1 + 5 * 2 + 3
