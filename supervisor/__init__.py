@@ -8,8 +8,9 @@ workers and imports nothing of this package. The modules named `worker_*` run in
     ctl             the command line's `ctl`: ask the running supervisor through its control API
     testing         a harness for testing a worker's hooks in one process
     core            the Supervisor: the wiring of the parts below and the order of a wake-up
-    reloading       a config reload: what changed, what applies live, what waits for a restart
+    reloader        a config reload carried out (SIGHUP, ctl reload, watch mode): all or nothing
     pool            the worker pool: every worker's slot and the life of its processes
+    liveness        killing a worker process that looks hung or passes its memory limit
     ha_entities     Home Assistant: the supervisor's own entities, and the bundle of all declared ones
     systemd         sd_notify: ready, watchdog, stopping
     metrics         Prometheus /metrics, /healthz and the status page, served on one port
@@ -17,6 +18,7 @@ workers and imports nothing of this package. The modules named `worker_*` run in
     routing         each message from the broker to the workers (and the control API) it is for
     status          the retained status document and each worker's availability
     slot            one worker across its restarts: its state machine, queue, messages in hand
+    reloading       a config reload planned: what changed, what applies live, what waits for a restart
     supervision     restart policy: backoff, intensity, when a worker has failed
     control         the control API: <base>/request/<action> and restart presses
     dedupe          publication ids a worker handled, to drop the copies

@@ -24,23 +24,20 @@ import os
 import signal
 import socket
 import sqlite3
-import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from contracts import Logged, Message, Publish, Site
 from contracts.homeassistant import DeclaredEntity
-from contracts.status import ReloadStatus, WorkerState
-from supervisor import __version__, config, control, reloading, signals
-from supervisor.config import Settings, WorkerSettings
+from contracts.status import WorkerState
+from supervisor import __version__, control, signals
+from supervisor.config import Settings
 from supervisor.control import ControlAPI
 from supervisor.dedupe import Deduplicator, Window
 from supervisor.delivery import Deliveries
-from supervisor.errors import ConfigError, ControlError, StartupError, StateBrokenError
+from supervisor.errors import ControlError, StartupError, StateBrokenError
 from supervisor.ha_entities import EntityBundle, node_id
 from supervisor.logrelay import LogPublisher
 from supervisor.loop import Loop
@@ -49,6 +46,7 @@ from supervisor.mqtt import Incoming, MqttLink
 from supervisor.pool import WorkerPool
 from supervisor.processes import start_method_context
 from supervisor.publishing import Publisher
+from supervisor.reloader import Reloader
 from supervisor.router import Router
 from supervisor.routing import Routing
 from supervisor.slot import WorkerSlot
@@ -107,7 +105,6 @@ class Supervisor:
         self.version = __version__
         self.loop = Loop(clock, on_error=self._loop_failed)
         self.loop_errors = 0  # callbacks of the loop that raised and were survived
-        self.reloads: Counter[str] = Counter(ok=0, error=0)  # config reloads by outcome
         self.resident_bytes = 0  # the supervisor's own, as last checked
         self.exit_code = 0
         self.site = site_of(settings)
@@ -125,7 +122,7 @@ class Supervisor:
             lambda: self.publisher.backlog,
             settings.supervisor.status_interval_seconds,
         )
-        self.control = ControlAPI(self.site, self.pool, self.status, self._reply, self.reload)
+        self.control = ControlAPI(self.site, self.pool, self.status, self._reply, self._reload)
         self.routing = Routing(
             settings, self.site, self.link, router, self.pool.slots, self.deliveries, self.control, ids, clock
         )
@@ -136,8 +133,17 @@ class Supervisor:
         self.dedupe: Deduplicator | None = None  # opened in run(), when a worker deduplicates
         self.metrics: MetricsServer | None = None
         self.notifier = Notifier()  # reads systemd's variables now, before any worker can inherit them
+        self.reloader = Reloader(
+            settings,
+            self.loop,
+            self.pool,
+            self.routing,
+            self.status,
+            self.entities,
+            self._settings_reloaded,
+            self._deduplicator,
+        )
         self._ready = False
-        self._watched: dict[str, int] | None = None  # watch mode: the files and their modification times
 
     # Running ------------------------------------------------------------------------------------------------------
 
@@ -167,7 +173,7 @@ class Supervisor:
                 self.loop.call_later(self.notifier.watchdog_seconds / 2, self._watchdog)
             self.loop.after_wakeup(self._end_of_wakeup)
             self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory)
-            self._watch_if_asked()
+            self.reloader.watch_if_asked()
             gc.freeze()  # start-up objects leave the collector's view: shorter pauses, pages stay shared with workers
             log.info("supervisor started with workers: %s", ", ".join(self.pool.slots) or "none")
             self._say_where_to_look()
@@ -234,119 +240,25 @@ class Supervisor:
     def _signalled(self, signum: signal.Signals) -> None:
         if signum == signal.SIGHUP:  # `systemctl reload` (ExecReload), or kill -HUP
             with contextlib.suppress(ControlError):  # refused: logged, and in the status
-                self.reload("SIGHUP")
+                self.reloader.reload("SIGHUP")
             return
         log.info("received %s", signum.name)
         self.shutdown()
 
-    # Reloading ------------------------------------------------------------------------------------------------------
+    def _reload(self, why: str) -> dict[str, Any]:
+        return self.reloader.reload(why)  # the control API comes before the reloader, which needs its routes
 
-    def reload(self, why: str) -> dict[str, Any]:
-        """Read the config file again and apply what changed (see `supervisor.reloading`): the answer says what.
-        Raises ControlError, having changed nothing, when the file (or a worker it runs) cannot be used."""
-        if self.pool.stopping:
-            raise ControlError("the supervisor is stopping")
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        try:
-            new = config.load(self.settings.path, self._environ_for_reload(), strict=False, reloading=True)
-            plan = reloading.plan(self.settings, new, os.environ)
-            self.routing.reroute(
-                remove=[*plan.removed, *(w.name for w in plan.changed)], add=[*plan.changed, *plan.added]
-            )
-        except ConfigError as exc:
-            self.reloads["error"] += 1
-            self.status.reloaded(ReloadStatus(time=now, ok=False, error=str(exc)))
-            log.error("config reload (%s) refused, running on unchanged: %s", why, exc)
-            raise ControlError(f"the config was not reloaded: {exc}") from None
-        self._apply(plan)
-        self.reloads["ok"] += 1
-        summary = plan.summary()
-        outcome = ReloadStatus(
-            time=now,
-            ok=True,
-            added=summary["added"],
-            removed=summary["removed"],
-            changed=summary["changed"],
-            restart_needed=summary["restart_needed"],
-            kept_modules=plan.settings.kept_modules,
-        )
-        self.status.reloaded(outcome)
-        done = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v)}" for k, v in summary.items() if v) or "nothing changed"
-        log.info("config reloaded (%s): %s", why, done)
-        for module, error in plan.settings.kept_modules.items():
-            log.error("worker module %s: its new version was not loaded, the running one stays: %s", module, error)
-        for error in new.broken_modules.values():
-            log.warning("skipped a worker module that cannot be used: %s", error)
-        if plan.restart_needed:
-            log.warning("restart the supervisor to apply %s (not applied live)", ", ".join(plan.restart_needed))
-        return {**summary, "kept_modules": plan.settings.kept_modules}
-
-    def _watch_if_asked(self) -> None:
-        """Start watch mode when `[supervisor] reload_on_change` asks for it and it is not on yet."""
-        if self.settings.supervisor.reload_on_change and self._watched is None:
-            self._watched = self._files()
-            self.loop.call_later(_WATCH_SECONDS, self._watch)
-            log.info("watch mode: a saved change to %s or a worker module reloads", self.settings.path)
-
-    def _watch(self) -> None:
-        """Watch mode: reload when the config file or a worker module was saved, added or deleted."""
-        if not self.settings.supervisor.reload_on_change or self.pool.stopping:
-            self._watched = None  # off (a reload turned it off)
-            return
-        files = self._files()
-        before = self._watched or {}
-        if files != before:
-            self._watched = files
-            changed = sorted({*files, *before} - {f for f in files if before.get(f) == files[f]})
-            with contextlib.suppress(ControlError):  # refused: logged, and in the status
-                self.reload(f"watch mode: {', '.join(Path(f).name for f in changed)} changed")
-        self.loop.call_later(_WATCH_SECONDS, self._watch)
-
-    def _files(self) -> dict[str, int]:
-        """The config file and every worker module's file, with their modification times (ns)."""
-        paths = [self.settings.path]
-        for package in self.settings.supervisor.worker_packages:
-            for directory in getattr(sys.modules.get(package), "__path__", []):
-                paths += [*Path(directory).glob("*.py"), *Path(directory).glob("*/*.py")]
-        files = {}
-        for path in paths:
-            with contextlib.suppress(OSError):
-                files[str(path)] = path.stat().st_mtime_ns
-        return files
-
-    def _environ_for_reload(self) -> dict[str, str]:
-        """The environment to read the config with: this process's, and the secrets it took at start (they are no
-        longer in its environment, see `supervisor.secrets`)."""
-        environ = dict(os.environ)
-        for worker in self.settings.workers:
-            environ |= {name: secret.reveal() for name, secret in worker.environment.items()}
-        if self.settings.password is not None and self.settings.mqtt.password_file is None:
-            environ["MQTT_PASSWORD"] = self.settings.password.reveal()
-        return environ
-
-    def _apply(self, plan: reloading.Plan) -> None:
-        """Carry out `plan`, its routes already changed: the workers removed stop, the changed ones restart, the
-        added ones start; the others and the connection are left as they are."""
-        settings = self.settings = self.pool.settings = self.routing.settings = plan.settings
+    def _settings_reloaded(self, settings: Settings) -> None:
+        """A reload applied `settings` (its keys that need a restart as they run now)."""
+        self.settings = self.pool.settings = self.routing.settings = settings
         self.status.interval = settings.supervisor.status_interval_seconds
         self.logs.set_level(settings.supervisor.mqtt_log_level)
-        self._watch_if_asked()
-        for name in plan.removed:
-            self.pool.remove(name)
-        for worker in [*plan.changed, *plan.added]:
-            if worker.supervision.dedupe_seconds > 0:
-                self._deduplicate(worker)
-        for worker in plan.changed:
-            self.pool.replace(worker)
-        for worker in plan.added:
-            self.pool.add(worker)
-        self.entities.set_workers({w.name: w.title for w in settings.workers})
 
-    def _deduplicate(self, worker: WorkerSettings) -> None:
-        window = Window(worker.supervision.dedupe_seconds, worker.supervision.dedupe_max_entries)
+    def _deduplicator(self) -> Deduplicator:
+        """The handled-ids file, opened now if no worker deduplicated before (a reload added one that does)."""
         if self.dedupe is None:
             self.dedupe = self.routing.dedupe = Deduplicator(self.settings.state_dir / "handled.sqlite3", {})
-        self.dedupe.watch(worker.name, window)
+        return self.dedupe
 
     def shutdown(self, exit_code: int = 0) -> None:
         """Stop routing and stop every worker (see `WorkerPool.stop`; a second call kills them at once)."""
@@ -474,6 +386,10 @@ class Supervisor:
     @property
     def outbox_backlog(self) -> int:
         return self.publisher.backlog
+
+    @property
+    def reloads(self) -> Mapping[str, int]:
+        return self.reloader.reloads
 
     @property
     def last_reload_ok(self) -> bool | None:

@@ -40,6 +40,7 @@ from contracts.homeassistant import DeclaredEntity
 from supervisor import control
 from supervisor.config import Settings, WorkerSettings
 from supervisor.errors import ChannelClosed, ControlError
+from supervisor.liveness import Liveness
 from supervisor.logrelay import about
 from supervisor.loop import Loop
 from supervisor.processes import ExitStatus, WorkerProcess, shared_word
@@ -49,8 +50,6 @@ from supervisor.supervision import RestartTracker, Verdict
 
 log = logging.getLogger("supervisor")
 
-_LIVENESS_CHECK_SECONDS = 0.25
-_MEMORY_CHECK_SECONDS = 2.0
 _KILL_GRACE_SECONDS = 2.0
 
 
@@ -92,6 +91,7 @@ class WorkerPool:
         self.stopping = False
         self._context: object = None  # set by `start`
         self._inherited: Callable[[], Iterable[int]] = list
+        self.liveness = Liveness(loop, self.slots, self._kill)
         for worker in settings.workers:
             self.add(worker)
 
@@ -136,8 +136,7 @@ class WorkerPool:
         self._context, self._inherited = context, inherited
         for slot in self.slots.values():
             self._begin(slot)
-        self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
-        self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory)
+        self.liveness.start()
 
     @property
     def stopped(self) -> bool:
@@ -259,7 +258,7 @@ class WorkerPool:
         self.loop.remove_reader(process.channel)
         self.loop.remove_writer(process.channel)
         process.close()
-        reason = self._exit_reason(slot, process, status)
+        reason = slot.exit_reason(process.start_error, process.limit_reached, status.signal, status.abnormal)
         slot.ended(reason, status.describe(), datetime.now(UTC).isoformat(timespec="seconds"), self.stopping)
         if reason.crash and not self.stopping:
             self._publish_crash(slot)
@@ -279,19 +278,6 @@ class WorkerPool:
         payload = msgspec.json.encode({"time": slot.last_crash_time, "exit": slot.last_crash})
         crash = Publish(topic=self.site.last_crash_topic(slot.name), payload=payload, qos=1, retain=True)
         self.publisher.publish(control.NAME, crash)
-
-    def _exit_reason(self, slot: WorkerSlot, process: WorkerProcess, status: ExitStatus) -> RestartReason:
-        if slot.kill_reason is not None:
-            return slot.kill_reason
-        if slot.command is not None:
-            return RestartReason.COMMAND
-        if process.start_error is not None:
-            return RestartReason.START_FAILED
-        if process.limit_reached is not None:
-            return RestartReason.MEMORY
-        if status.signal is not None:
-            return RestartReason.KILLED
-        return RestartReason.EXIT if status.abnormal else RestartReason.NORMAL
 
     def _after_exit(self, slot: WorkerSlot, status: ExitStatus, reason: RestartReason) -> None:
         if slot.command is not None:  # a person or a reload asked for this exit
@@ -362,29 +348,6 @@ class WorkerPool:
         slot.kill_reason = reason
         slot.errors[ErrorKind(reason.value)] += 1  # DEADLINE, HEARTBEAT and MEMORY are error kinds too
         slot.process.kill()
-
-    def _check_liveness(self) -> None:
-        now = self.loop.clock()
-        for slot in self.slots.values():
-            verdict = slot.overdue(now)
-            if verdict is not None:
-                self._kill(slot, *verdict)
-        self.loop.call_later(_LIVENESS_CHECK_SECONDS, self._check_liveness)
-
-    def _check_memory(self) -> None:
-        """Kill a worker whose resident memory passed its limit. (Inside a worker, RLIMIT_DATA stops a fast
-        allocation between two checks: see `supervisor.worker_process`.)"""
-        for slot in self.slots.values():
-            limit = slot.settings.memory_limit_mb
-            process = slot.process
-            if limit is None or process is None or slot.kill_reason is not None:
-                continue
-            resident = process.resident_bytes()
-            if resident > limit * 1024 * 1024:
-                process.limit_reached = f"memory_limit_mb = {limit}"
-                detail = f"uses {resident / 2**20:.0f} MiB, over memory_limit_mb = {limit}"
-                self._kill(slot, RestartReason.MEMORY, detail)
-        self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory)
 
     # Writing to the processes ---------------------------------------------------------------------------------------
 

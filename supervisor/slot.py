@@ -150,6 +150,23 @@ class WorkerSlot:
         if reason.crash and not stopping:
             self.last_crash, self.last_crash_time = self.last_exit, time
 
+    def exit_reason(
+        self, start_error: str | None, limit_reached: str | None, signal: int | None, abnormal: bool
+    ) -> RestartReason:
+        """Why its process (which reported `start_error` or `limit_reached`, and ended by `signal` or an exit code,
+        `abnormal` unless 0) ended, for `ended`."""
+        if self.kill_reason is not None:
+            return self.kill_reason
+        if self.command is not None:  # asked for: by a person, or by a reload ("reload", "remove")
+            return RestartReason.RELOAD if self.command in ("reload", "remove") else RestartReason.COMMAND
+        if start_error is not None:
+            return RestartReason.START_FAILED
+        if limit_reached is not None:
+            return RestartReason.MEMORY
+        if signal is not None:
+            return RestartReason.KILLED
+        return RestartReason.EXIT if abnormal else RestartReason.NORMAL
+
     def backing_off(self, reason: RestartReason, timer: TimerHandle) -> None:
         """It will be started again when `timer` fires."""
         self.restarts[reason] += 1

@@ -1,0 +1,53 @@
+"""Liveness: the checks that kill a worker process which looks hung or uses too much memory.
+
+Every quarter second, a process stuck on one message past its `message_deadline_seconds`, or silent past its
+`heartbeat_timeout_seconds` while idle (`WorkerSlot.overdue`); every 2 s, one whose resident memory passed its
+`memory_limit_mb` (inside a worker, RLIMIT_DATA stops a fast allocation between two checks: see
+`supervisor.worker_process`). What a kill leads to is the worker pool's: it restarts the worker by its policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from supervisor.loop import Loop
+from supervisor.slot import RestartReason, WorkerSlot
+
+LIVENESS_CHECK_SECONDS = 0.25
+MEMORY_CHECK_SECONDS = 2.0
+
+Kill = Callable[[WorkerSlot, RestartReason, str], None]  # (slot, reason, what it did), kills its process
+
+
+class Liveness:
+    """Looks at every worker's process on timers of the loop, and has `kill` end those that look hung."""
+
+    def __init__(self, loop: Loop, slots: Mapping[str, WorkerSlot], kill: Kill) -> None:
+        self.loop = loop
+        self.slots = slots
+        self.kill = kill
+
+    def start(self) -> None:
+        self.loop.call_later(LIVENESS_CHECK_SECONDS, self._check_liveness)
+        self.loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
+
+    def _check_liveness(self) -> None:
+        now = self.loop.clock()
+        for slot in list(self.slots.values()):
+            verdict = slot.overdue(now)
+            if verdict is not None:
+                self.kill(slot, *verdict)
+        self.loop.call_later(LIVENESS_CHECK_SECONDS, self._check_liveness)
+
+    def _check_memory(self) -> None:
+        for slot in list(self.slots.values()):
+            limit = slot.settings.memory_limit_mb
+            process = slot.process
+            if limit is None or process is None or slot.kill_reason is not None:
+                continue
+            resident = process.resident_bytes()
+            if resident > limit * 1024 * 1024:
+                process.limit_reached = f"memory_limit_mb = {limit}"
+                detail = f"uses {resident / 2**20:.0f} MiB, over memory_limit_mb = {limit}"
+                self.kill(slot, RestartReason.MEMORY, detail)
+        self.loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
