@@ -16,8 +16,11 @@ from supervisor.errors import WrongPackageError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+def run(*args: str, python_path: tuple[Path, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """`python -m supervisor ARGS` to its end, the test workers (and `python_path`) importable, no MQTT_ override
+    from the environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")}
+    env["PYTHONPATH"] = os.pathsep.join([*map(str, python_path), str(ROOT / "tests"), str(ROOT)])
     return subprocess.run(
         [sys.executable, "-m", "supervisor", *args],
         cwd=ROOT,

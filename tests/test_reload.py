@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, SupervisorFactory, SupervisorProcess
 from support import MqttProbe, free_port, process_gone, wait_until
+from test_cli import run
 from test_code_reload import LIVE, write
 from test_health import scrape, value
 from test_supervisor import echo, echoes, start, started_pids, wait_echo
@@ -290,16 +291,7 @@ def test_a_section_whose_worker_cannot_be_loaded_fails_that_worker_only_until_a_
     mqtt.subscribe(f"{prefix}/#")
     path = supervisors.config(workers, supervisor={"worker_packages": ["livepkg"]})
     # --check-config still fails on it, naming the module and the error.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    check = subprocess.run(
-        [sys.executable, "-m", "supervisor", "--config", str(path), "--check-config"],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=60,
-    )
+    check = run("--config", str(path), "--check-config", python_path=(tmp_path,))
     assert check.returncode == 2
     assert "[workers.half]: its worker 'half' cannot be loaded:" in check.stderr
     assert "No module named 'no_such_module_here'" in check.stderr
@@ -394,11 +386,8 @@ def test_worker_log_lines_and_the_supervisors_lines_about_it_go_to_its_log_topic
     assert crash["message"].startswith("worker echo ended: killed by SIGKILL")
 
 
-def run_ctl(config: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MQTT_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
-    command = [sys.executable, "-m", "supervisor", "--config", str(config), "ctl", *args]
-    return subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+def run_ctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("--config", str(config), "ctl", *args)
 
 
 def test_ctl_reload_and_ctl_tail_against_a_running_supervisor(
@@ -449,3 +438,19 @@ def test_a_reload_that_changes_no_section_leaves_a_worker_stopped_by_command_sto
     assert (answer["added"], answer["removed"], answer["changed"]) == ([], [], [])
     status = wait_reloaded(mqtt, supervisors, seen)
     assert status["workers"]["echo"]["state"] == "stopped"  # a person stopped it; a reload leaves that alone
+
+
+def test_a_syntax_error_in_a_module_no_section_uses_is_reported_and_stops_nothing(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, tmp_path: Path
+) -> None:
+    module = live_package(tmp_path, supervisors, "1")
+    (module.parent / "junk.py").write_text('"""Half written."""\n\ndef on_message(:\n')
+    topic, out = f"{prefix}/in", f"{prefix}/out"
+    mqtt.subscribe(f"{prefix}/#")
+    process = supervisors.start({"live": {"topic": topic, "out": out}}, supervisor={"worker_packages": ["livepkg"]})
+    process.wait_log("skipped a worker module that cannot be used: ")
+    assert f"{module.parent / 'junk.py'}: cannot import worker module: SyntaxError" in process.log()
+    mqtt.wait_for(f"{supervisors.base}/worker/live/availability", lambda m: m.text == "online")
+    mqtt.publish(topic, "which?")
+    assert mqtt.wait_for(out)[0].text == "1"
+    assert process.process.poll() is None
