@@ -17,7 +17,7 @@ class LogLine(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """One log record, as published on `<base>/log/<worker>` (JSON, with `worker` and `event_type` added)."""
 
     time: float  # seconds since the epoch
-    level: str  # WARNING, ERROR, ...
+    level: int  # logging's number: 30 WARNING, 40 ERROR, ...
     logger: str
     message: str  # with its traceback, if any; bounded
 

@@ -203,8 +203,10 @@ class Settings:
     # At a reload, the worker modules whose new version is broken (module name -> the error): the one loaded
     # before stays in use.
     kept_modules: dict[str, str] = field(default_factory=dict)
-    # Every environment variable holding a secret: the MQTT password's, and those any worker section names.
+    # Every environment variable holding a secret: the MQTT password's, and those any worker section names (a
+    # disabled one's too); and the values of those that were set, kept for a reload (they leave the environment).
     secret_variables: frozenset[str] = frozenset()
+    secrets: dict[str, Secret] = field(default_factory=dict)
 
 
 class Unloadable(Worker[NoConfig]):
@@ -251,6 +253,10 @@ def load(
         for w in workers
     )
     state_dir = file.supervisor.state_dir or environ.get("STATE_DIRECTORY", "").split(":")[0] or "state"
+    secret_variables = frozenset(
+        {"MQTT_PASSWORD", *([file.mqtt.password_env] if file.mqtt.password_env else [])}
+        | {name for w in workers for name in w.secret_names}
+    )
     return Settings(
         path=path,
         supervisor=file.supervisor,
@@ -260,10 +266,8 @@ def load(
         homeassistant=file.homeassistant,
         state_dir=Path(state_dir).absolute(),
         workers=tuple(w for w in workers if w.supervision.enabled),
-        secret_variables=frozenset(
-            {"MQTT_PASSWORD", *([file.mqtt.password_env] if file.mqtt.password_env else [])}
-            | {name for w in workers for name in w.secret_names}
-        ),
+        secret_variables=secret_variables,
+        secrets={name: Secret(environ[name]) for name in sorted(secret_variables) if name in environ},
         available_workers=tuple(available),
         broken_modules=broken,
         kept_modules=kept or {},

@@ -254,9 +254,10 @@ class Supervisor:
         self.status.interval = settings.supervisor.status_interval_seconds
         self.logs.set_level(settings.supervisor.mqtt_log_level)
 
-    def _deduplicator(self) -> Deduplicator:
-        """The handled-ids file, opened now if no worker deduplicated before (a reload added one that does)."""
-        if self.dedupe is None:
+    def _deduplicator(self, open_file: bool) -> Deduplicator | None:
+        """The handled-ids file; `open_file`: opened now if no worker deduplicated before (a reload added one that
+        does)."""
+        if self.dedupe is None and open_file:
             self.dedupe = self.routing.dedupe = Deduplicator(self.settings.state_dir / "handled.sqlite3", {})
         return self.dedupe
 
@@ -349,6 +350,7 @@ class Supervisor:
     # LinkListener -------------------------------------------------------------------------------------------------
 
     def link_connected(self, session_present: bool) -> None:
+        self.routing.link_connected()
         self.status.republish()
         # Without our session the broker may have lost its retained messages too: every discovery config again.
         self.entities.send_soon(republish=not session_present)

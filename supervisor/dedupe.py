@@ -63,6 +63,12 @@ class Deduplicator:
             self._held[worker] = set()
             self._load_worker(worker, self._clock())
 
+    def unwatch(self, worker: str) -> None:
+        """Deduplicate no more for `worker` (a reload turned it off); what the file holds of it ages out."""
+        self._windows.pop(worker, None)
+        self._handled.pop(worker, None)
+        self._held.pop(worker, None)
+
     def deduplicates(self, worker: str) -> bool:
         return worker in self._windows
 

@@ -41,7 +41,7 @@ def line_of(record: logging.LogRecord) -> LogLine:
         text = str(record.msg)
     if record.exc_info:
         text += "\n" + logging.Formatter().formatException(record.exc_info)
-    return LogLine(time=record.created, level=record.levelname, logger=record.name, message=text[:MAX_CHARS])
+    return LogLine(time=record.created, level=record.levelno, logger=record.name, message=text[:MAX_CHARS])
 
 
 class Relay(logging.Handler):
@@ -98,9 +98,9 @@ class LogPublisher(logging.Handler):
 
     def lines(self, worker: str, logged: Logged) -> None:
         """Lines a worker's process sent."""
-        self._dropped[worker] = self._dropped.get(worker, 0) + logged.dropped
+        self._dropped[worker] = self._dropped.get(worker, 0) + max(logged.dropped, 0)
         for line in logged.lines:
-            if logging.getLevelName(line.level) >= self.level:
+            if line.level >= self.level:
                 self._publish(worker, line)
 
     def forget(self, worker: str) -> None:
@@ -124,15 +124,24 @@ class LogPublisher(logging.Handler):
             self._dropped[worker] = self._dropped.get(worker, 0) + 1
             return
         self._tokens[worker] = (tokens - 1.0, now)
+        level = logging.getLevelName(line.level)  # "Level 45" for a number logging has no name for
         document: dict[str, Any] = {
             "worker": worker,
-            "time": datetime.fromtimestamp(line.time, UTC).isoformat(timespec="milliseconds"),
-            "level": line.level,
-            "event_type": line.level.lower(),
-            "logger": line.logger,
-            "message": line.message,
+            "time": _iso(line.time),
+            "level": level,
+            "event_type": level.lower().replace(" ", "_"),
+            "logger": line.logger[:200],
+            "message": line.message[:MAX_CHARS],
         }
         dropped = self._dropped.pop(worker, 0)
         if dropped:
             document["dropped"] = dropped
         self.publish_(Publish(topic=self.site.log_topic(worker), payload=self._encoder.encode(document), qos=0))
+
+
+def _iso(seconds: float) -> str:
+    """The time of a line as ISO 8601; now, for a time a worker got wrong (NaN, out of range)."""
+    try:
+        return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    except (ValueError, OverflowError, OSError):
+        return datetime.now(UTC).isoformat(timespec="milliseconds")

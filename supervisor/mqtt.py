@@ -126,9 +126,16 @@ class MqttLink:
 
     # Public API ---------------------------------------------------------------------------------------------------
 
-    def subscribe(self, filters: list[tuple[str, int, int]], with_ids: bool) -> None:
+    def subscribe(
+        self, filters: list[tuple[str, int, int]], with_ids: bool, retained_again: frozenset[str] = frozenset()
+    ) -> None:
         """Set the (filter, qos, subscription id) subscriptions made on every connect; while connected, change the
-        live ones to match: SUBSCRIBE for a filter new or changed, UNSUBSCRIBE for one no longer wanted.
+        live ones to match: SUBSCRIBE for a filter new or changed, then UNSUBSCRIBE for one no longer wanted (in
+        that order, so that a topic a wider filter takes over is never without one). Under MQTT 5 a live
+        SUBSCRIBE of a filter the broker has already asks for no retained messages (Retain Handling 1), except for
+        the filters in `retained_again`, which are subscribed again with them (a worker added to a filter that
+        others had: see `Routing`). While disconnected, the filters dropped are unsubscribed at the next connect
+        (the broker's session keeps them).
 
         Under MQTT 5 the filters are subscribed with No Local (except shared subscriptions), each with its
         subscription id when `with_ids`; under 3.1.1 the ids are never sent.
@@ -138,12 +145,18 @@ class MqttLink:
         ids_changed = with_ids != subscriptions.with_ids
         subscriptions.filters = list(filters)
         subscriptions.with_ids = with_ids
-        if not self.connected:
-            return
         wanted = {f for f, _, _ in filters}
-        subscriptions.unsubscribe([f for f in before if f not in wanted])
-        changed = [(f, q, i) for f, q, i in filters if ids_changed or before.get(f) != (q, i if with_ids else 0)]
-        subscriptions.send(changed)
+        dropped = [f for f in before if f not in wanted]
+        if not self.connected:
+            subscriptions.stale = (subscriptions.stale | set(dropped)) - wanted
+            return
+        changed = [
+            (f, q, i)
+            for f, q, i in filters
+            if ids_changed or f in retained_again or before.get(f) != (q, i if with_ids else 0)
+        ]
+        subscriptions.send(changed, live={f for f, _, _ in changed if f in before} - retained_again)
+        subscriptions.unsubscribe(dropped)
 
     def start(self) -> None:
         """Connect now, and keep reconnecting until `stop`. The owner calls `flush` at the end of every wake-up."""
@@ -338,7 +351,10 @@ class MqttLink:
         self._connector.up()
         self._born = False
         self._subscriptions.unacknowledged.clear()
-        if not self._subscriptions.send(self._subscriptions.filters):
+        waiting = self._subscriptions.send(self._subscriptions.filters)
+        self._subscriptions.unsubscribe(sorted(self._subscriptions.stale))
+        self._subscriptions.stale.clear()
+        if not waiting:
             self._publish_birth()  # else once the broker has acknowledged every subscription
         self.listener.link_connected(flags.session_present)
 
@@ -438,9 +454,11 @@ class _Subscriptions:
         self.filters: list[tuple[str, int, int]] = []  # (filter, qos, subscription id)
         self.with_ids = False
         self.unacknowledged: dict[int, list[str]] = {}  # SUBSCRIBE packet id -> its filters
+        self.stale: set[str] = set()  # dropped while disconnected: unsubscribed at the next connect
 
-    def send(self, subscriptions: list[tuple[str, int, int]]) -> bool:
-        """Send SUBSCRIBE packets for `subscriptions`; whether any is now waiting for the broker's answer."""
+    def send(self, subscriptions: list[tuple[str, int, int]], live: set[str] | None = None) -> bool:
+        """Send SUBSCRIBE packets for `subscriptions`; whether any is now waiting for the broker's answer. Under
+        MQTT 5 the filters in `live` (the broker has them already) ask for no retained messages."""
         if not self.v5:
             if subscriptions:
                 filters = [f for f, _, _ in subscriptions]
@@ -451,7 +469,11 @@ class _Subscriptions:
             if self.with_ids:
                 properties = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
                 properties.SubscriptionIdentifier = sub_id
-            options = SubscribeOptions(qos=qos, noLocal=not topic_filter.startswith("$share/"))
+            options = SubscribeOptions(
+                qos=qos,
+                noLocal=not topic_filter.startswith("$share/"),
+                retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB if live and topic_filter in live else 0,
+            )
             self._track([topic_filter], self.client.subscribe(topic_filter, options=options, properties=properties))
         return bool(self.unacknowledged)
 

@@ -97,7 +97,11 @@ class WorkerPool:
 
     def add(self, worker: WorkerSettings) -> WorkerSlot:
         """A slot for the worker `worker` describes; every configured worker comes in here. Before `start` it is
-        started with the others; after (a reload added it), now."""
+        started with the others; after (a reload added it), now. One whose removal is under way (its section came
+        back before its process ended) is given its new settings instead."""
+        if worker.name in self.slots:
+            self.replace(worker)
+            return self.slots[worker.name]
         slot = self.slots[worker.name] = WorkerSlot(worker, RestartTracker(worker.supervision))
         if self._context is not None:
             self._begin(slot)
@@ -126,6 +130,7 @@ class WorkerPool:
     def _forget(self, slot: WorkerSlot) -> None:
         slot.cancel_timer()
         self._given_up(slot, slot.drop_queued())
+        assert self.slots[slot.name] is slot
         del self.slots[slot.name]
         self.events.worker_removed(slot.name)
         log.info("worker %s removed", slot.name)

@@ -132,7 +132,8 @@ class WorkerProcess:
             name=settings.name,
             title=settings.title,
             module=cls.__module__,
-            module_mtime_ns=registry.loaded_mtime(cls.__module__),
+            # A forked child holds the supervisor's version of the module; a forkserver's, the one it preloaded.
+            module_mtime_ns=registry.loaded_mtime(cls.__module__, first=not forked),
             qualname=cls.__qualname__,
             config=msgspec.msgpack.encode(settings.config),
             state_dir=state_dir,

@@ -67,7 +67,7 @@ def _workers_in_package(
             finder_path = getattr(info.module_finder, "path", "")
             path = Path(finder_path) / (info.name if info.ispkg else f"{info.name}.py")
             loaded_before = sys.modules.get(module_name)
-            if kept is not None and loaded_before is not None and module_name in _loaded:
+            if kept is not None and loaded_before is not None and module_name in _good:
                 kept[module_name] = f"{path}: {exc.problem}"
                 workers += _workers_of(loaded_before)
             elif broken is not None:
@@ -77,13 +77,18 @@ def _workers_in_package(
     return workers
 
 
-_loaded: dict[str, int] = {}  # worker module -> the modification time (ns) of its file when it was imported here
+# Worker module -> the modification time (ns) of its file when the version in sys.modules was imported here; and
+# when it was first imported here (what a forkserver, started with the supervisor, preloaded).
+_loaded: dict[str, int] = {}
+_first_loaded: dict[str, int] = {}
+_good: set[str] = set()  # the worker modules whose version in sys.modules holds valid workers
 
 
-def loaded_mtime(module_name: str) -> int | None:
+def loaded_mtime(module_name: str, first: bool = False) -> int | None:
     """When the file of worker module `module_name` was last modified before this process imported it (None when
-    unknown): a worker process that finds it newer runs the module as it is now (see `worker_process`)."""
-    return _loaded.get(module_name)
+    unknown), or (`first`) before it first did: a worker process that finds it newer runs the module as it is now
+    (see `worker_process`)."""
+    return (_first_loaded if first else _loaded).get(module_name)
 
 
 def source_mtime(module: object) -> int | None:
@@ -114,22 +119,29 @@ def _workers_in_module(module_name: str, again: bool) -> list[type[Worker]]:  # 
     """The workers of module `module_name`, imported now, or `again` when its file changed since it was. Raises
     ConfigError, leaving the version imported before (if any) in place."""
     before = sys.modules.get(module_name) if again and changed_on_disk(module_name) else None
+    before_mtime = _loaded.get(module_name)
     if before is not None:
         del sys.modules[module_name]  # a fresh module object: the running workers' classes keep their old globals
         forget_bytecode(before)
     try:
         try:
             module = importlib.import_module(module_name)
-        except Exception as exc:  # any error in a dropped-in module is reported as that module's fault
+        except (Exception, SystemExit) as exc:  # any error in a dropped-in module is that module's fault
             raise ConfigError(module_name, "", f"cannot import worker module: {type(exc).__name__}: {exc}") from exc
+        mtime = source_mtime(module)
+        if mtime is not None:  # imported: a change on disk is looked at again, even when it holds no valid worker
+            _loaded[module_name] = mtime
+            _first_loaded.setdefault(module_name, mtime)
         workers = _workers_of(module)
     except ConfigError:
-        if before is not None:
+        if before is not None:  # the version imported before stays, as good or bad as it was
             sys.modules[module_name] = before
+            if before_mtime is not None:
+                _loaded[module_name] = before_mtime
+        else:
+            _good.discard(module_name)
         raise
-    mtime = source_mtime(module)
-    if mtime is not None:
-        _loaded[module_name] = mtime
+    _good.add(module_name)
     return workers
 
 

@@ -47,9 +47,10 @@ class Reloader:
         status: StatusReporter,
         entities: EntityBundle,
         applied: Callable[[Settings], None],
-        deduplicator: Callable[[], Deduplicator],
+        deduplicator: Callable[[bool], Deduplicator | None],
     ) -> None:
-        """`applied` takes the settings a reload applied; `deduplicator` gives the handled-ids file (opening it)."""
+        """`applied` takes the settings a reload applied; `deduplicator(open)` gives the handled-ids file (opening
+        it if `open`; else None when it is not open)."""
         self.settings = settings
         self.loop = loop
         self.pool = pool
@@ -73,7 +74,9 @@ class Reloader:
             self.routing.reroute(
                 remove=[*plan.removed, *(w.name for w in plan.changed)], add=[*plan.changed, *plan.added]
             )
-        except ConfigError as exc:
+        except Exception as exc:  # policy: nothing has changed yet; a bug found here refuses this reload only
+            if not isinstance(exc, ConfigError):
+                log.error("unexpected error while reading the config again", exc_info=exc)
             self.reloads["error"] += 1
             self.status.reloaded(ReloadStatus(time=now, ok=False, error=str(exc)))
             log.error("config reload (%s) refused, running on unchanged: %s", why, exc)
@@ -106,12 +109,7 @@ class Reloader:
     def _environ(self) -> dict[str, str]:
         """The environment to read the config with: this process's, and the secrets it took at start (they are no
         longer in its environment, see `supervisor.secrets`)."""
-        environ = dict(os.environ)
-        for worker in self.settings.workers:
-            environ |= {name: secret.reveal() for name, secret in worker.environment.items()}
-        if self.settings.password is not None and self.settings.mqtt.password_file is None:
-            environ["MQTT_PASSWORD"] = self.settings.password.reveal()
-        return environ
+        return dict(os.environ) | {name: secret.reveal() for name, secret in self.settings.secrets.items()}
 
     def _apply(self, plan: reloading.Plan) -> None:
         """Carry out `plan`, its routes already changed: the workers removed stop, the changed ones restart, the
@@ -124,7 +122,11 @@ class Reloader:
         for worker in [*plan.changed, *plan.added]:
             if worker.supervision.dedupe_seconds > 0:
                 window = Window(worker.supervision.dedupe_seconds, worker.supervision.dedupe_max_entries)
-                self.deduplicator().watch(worker.name, window)
+                dedupe = self.deduplicator(True)
+                assert dedupe is not None
+                dedupe.watch(worker.name, window)
+            elif (dedupe := self.deduplicator(False)) is not None:
+                dedupe.unwatch(worker.name)
         for worker in plan.changed:
             self.pool.replace(worker)
         for worker in plan.added:
@@ -145,6 +147,7 @@ class Reloader:
         if not self.settings.supervisor.reload_on_change or self.pool.stopping:
             self._watched = None  # off (a reload turned it off)
             return
+        self.loop.call_later(WATCH_SECONDS, self._watch)  # first: whatever this reload meets, watching goes on
         files = self._files()
         before = self._watched or {}
         if files != before:
@@ -152,14 +155,14 @@ class Reloader:
             changed = sorted({*files, *before} - {f for f in files if before.get(f) == files[f]})
             with contextlib.suppress(ControlError):  # refused: logged, and in the status
                 self.reload(f"watch mode: {', '.join(Path(f).name for f in changed)} changed")
-        self.loop.call_later(WATCH_SECONDS, self._watch)
 
     def _files(self) -> dict[str, int]:
-        """The config file and every worker module's file, with their modification times (ns)."""
+        """The config file and every worker module's file (a worker package's `__init__.py`: only a worker's own
+        module is imported again), with their modification times (ns)."""
         paths = [self.settings.path]
         for package in self.settings.supervisor.worker_packages:
             for directory in getattr(sys.modules.get(package), "__path__", []):
-                paths += [*Path(directory).glob("*.py"), *Path(directory).glob("*/*.py")]
+                paths += [*Path(directory).glob("*.py"), *Path(directory).glob("*/__init__.py")]
         files = {}
         for path in paths:
             with contextlib.suppress(OSError):

@@ -76,6 +76,7 @@ def plan(running: Settings, new: Settings, environment: Mapping[str, str]) -> Pl
         broken_modules=new.broken_modules,
         kept_modules=new.kept_modules,
         secret_variables=running.secret_variables | new.secret_variables,
+        secrets=running.secrets | new.secrets,
     )
     return Plan(settings, added, removed, changed, restart_needed)
 

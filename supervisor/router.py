@@ -66,6 +66,10 @@ class Router:
         else:
             self._broker.add(topic_filter)
 
+    def filters_of(self, worker: str) -> set[str]:
+        """The filters added for `worker`."""
+        return {topic_filter for w, topic_filter, *_ in self._added if w == worker}
+
     def routes_to(self, worker: str, topic_filter: str) -> bool:
         """True when `topic_filter` was added for `worker`."""
         sub_id = self.sub_id(topic_filter)

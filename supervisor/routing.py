@@ -11,7 +11,7 @@ control API instead. QoS >= 1 is acknowledged to the broker once every receiver 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from contracts import Message, Site, Subscription
 from supervisor import control
@@ -21,7 +21,7 @@ from supervisor.dedupe import Deduplicator
 from supervisor.delivery import Deliveries
 from supervisor.errors import ConfigError
 from supervisor.mqtt import Incoming, MqttLink
-from supervisor.router import InvalidTopicFilter, Router
+from supervisor.router import InvalidTopicFilter, Router, covers, matches
 from supervisor.slot import Offer, WorkerSlot
 
 log = logging.getLogger("supervisor")
@@ -80,6 +80,10 @@ class Routing:
         self.clock = clock
         self.dedupe: Deduplicator | None = None  # set once opened, when a worker deduplicates
         self.stopping = False
+        # Broker filter -> the workers its retained messages are for, after it was subscribed again while connected
+        # for a worker new to it (the others had them already); a filter not here: every worker it routes to.
+        self._retained_for: dict[str, set[str]] = {}
+        self._subscribed: set[str] = set()  # the filters the link was last given
         self.reroute(remove=[], add=[slot.settings for slot in slots.values()])
         self.router.add(control.NAME, control_api.filters, qos=1, commands=True)
         self._resubscribe()
@@ -90,18 +94,46 @@ class Routing:
         one go: a filter both before and after stays subscribed throughout. Raises ConfigError for an invalid
         subscription, before changing anything."""
         subscriptions = [(worker.name, worker_subscriptions(worker, self.site)) for worker in add]
+        had = {name: self.router.filters_of(name) for name in remove}
         for name in remove:
             self.router.remove(name)
+        new = [
+            (name, s.topic_filter)
+            for name, its in subscriptions
+            for s in its
+            if not s.local and s.topic_filter not in had.get(name, set())
+        ]
         for name, its in subscriptions:
             for s in its:
                 self.router.add(name, [s.topic_filter], s.qos, commands=s.commands, local=s.local)
-        self._resubscribe()
+        self._resubscribe(new)
 
-    def _resubscribe(self) -> None:
+    def link_connected(self) -> None:
+        """The link (re)connected and subscribed to every filter: retained messages are for every worker again."""
+        self._retained_for.clear()
+
+    def _resubscribe(self, new: Iterable[tuple[str, str]] = ()) -> None:
         """Give the link the subscriptions the routes need now (it sends only what changed). Under MQTT 5 they
-        carry subscription ids while two filters overlap; under 3.1.1 a filter another covers is left out."""
+        carry subscription ids while two filters overlap; under 3.1.1 a filter another covers is left out.
+
+        `new`: (worker, filter) routed now that the worker did not have: the worker must get the filter's retained
+        messages, which the others on it had. The broker filter that takes it is subscribed again for them if it was
+        there before (under MQTT 5 the others' are not asked again), and its retained messages go to those workers
+        only from then on (under 3.1.1 without subscription ids, the others on another filter matching a retained
+        topic may get a copy again)."""
         with_ids = self.settings.mqtt.protocol == 5 and self.router.overlapping()
-        self.link.subscribe(self.router.broker_filters(with_ids=with_ids), with_ids)
+        filters = self.router.broker_filters(with_ids=with_ids)
+        again = set()
+        for worker, topic_filter in new:
+            for broker_filter, _, _ in filters:
+                if broker_filter == topic_filter or covers(broker_filter, topic_filter):
+                    self._retained_for.setdefault(broker_filter, set()).add(worker)
+                    if broker_filter in self._subscribed:
+                        again.add(broker_filter)
+        for broker_filter in [f for f in self._retained_for if f not in {f for f, _, _ in filters}]:
+            del self._retained_for[broker_filter]
+        self._subscribed = {f for f, _, _ in filters}
+        self.link.subscribe(filters, with_ids, frozenset(again) if self.link.connected else frozenset())
 
     def message_received(self, message: Incoming) -> None:
         """Route a message from the broker. QoS >= 1 is acknowledged once every receiver has finished it."""
@@ -141,7 +173,10 @@ class Routing:
             self.control.handle(message)
             self.deliveries.done(message.id)
             return
-        slot = self.slots[name]
+        slot = self.slots.get(name)
+        if slot is None:  # removed by a reload that came in the same wake-up (a control request) as this message
+            self.done(name, message, handled=False)
+            return
         dedupe = self.dedupe if message.publication_id is not None else None
         if dedupe is not None and dedupe.deduplicates(name):
             assert message.publication_id is not None
@@ -164,7 +199,7 @@ class Routing:
         if not self.router.routes_to(worker, topic_filter):
             self.router.add(worker, [topic_filter], qos)
             log.info("worker %s subscribed to %s", worker, topic_filter)
-            self._resubscribe()
+            self._resubscribe(new=[(worker, topic_filter)])
 
     def _for_the_supervisor(self, message: Incoming) -> None:
         """A message for the supervisor itself: a control request or a restart button press."""
@@ -182,6 +217,8 @@ class Routing:
         routes = self.router.route(message.topic)
         if message.subscription_ids:  # this copy is for these subscriptions only; other copies cover the rest
             routes = tuple((worker, sub_id) for worker, sub_id in routes if sub_id in message.subscription_ids)
+        if message.retain and self._retained_for:
+            routes = self._retained_routes(message.topic, routes)
         commands = self.site.commands_prefix
         receivers = []
         for worker, sub_id in routes:
@@ -198,6 +235,13 @@ class Routing:
             else:
                 receivers.append(worker)
         return receivers
+
+    def _retained_routes(self, topic: str, routes: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
+        """The routes a retained message on `topic` takes: sent again for the workers new to a filter, it is theirs."""
+        wanted = [workers for f, workers in self._retained_for.items() if matches(f, topic)]
+        if not wanted:
+            return routes
+        return tuple((worker, sub_id) for worker, sub_id in routes if any(worker in w for w in wanted))
 
     def _bad_input(self, worker: str, kind: str, topic: str, detail: str) -> None:
         if worker in self.slots:

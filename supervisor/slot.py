@@ -68,7 +68,7 @@ class RestartReason(StrEnum):
     @property
     def crash(self) -> bool:
         """Whether an exit for this reason is a crash: one nobody asked for and the worker did not choose."""
-        return self not in (RestartReason.COMMAND, RestartReason.NORMAL)
+        return self not in (RestartReason.COMMAND, RestartReason.NORMAL, RestartReason.RELOAD)
 
 
 class Offer(Enum):

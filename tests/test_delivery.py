@@ -293,3 +293,21 @@ def test_a_payload_the_worker_cannot_decode_is_counted_as_decode(
     mqtt.publish(f"{prefix}/in/x", "json:{}")
     wait_echo(mqtt, f"{prefix}/out/echo", "json:{}")
     assert f"error (decode): cannot decode the payload on {prefix}/in/x" in process.log()
+
+
+def test_a_worker_removed_by_a_reload_while_the_broker_is_down_is_unsubscribed_at_the_next_connect(
+    tmp_path: Path, persistent_broker: Broker, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    keep = {"topics": [f"{prefix}/keep/#"], "out": f"{prefix}/out/keep", "qos": 1, "worker": "echo"}
+    gone = {"topics": [f"{prefix}/gone/#"], "out": f"{prefix}/out/gone", "qos": 1, "worker": "echo"}
+    with supervisors_on(persistent_broker, tmp_path, prefix, request) as factory:
+        process = factory.start({"keep": keep, "gone": gone})
+        process.wait_log("subscribed to 5 topic filter(s)")
+        persistent_broker.stop()
+        process.wait_log("disconnected from the broker")
+        process.config_path.write_text(factory.config({"keep": keep}).read_text())
+        process.signal(signal.SIGHUP)
+        process.wait_log("config reloaded (SIGHUP): removed: gone")
+        persistent_broker.start()
+        process.wait_log(f"unsubscribed from {prefix}/gone/#", timeout=20)
+        assert f"unsubscribed from {prefix}/keep/#" not in process.log()

@@ -454,3 +454,112 @@ def test_a_syntax_error_in_a_module_no_section_uses_is_reported_and_stops_nothin
     mqtt.publish(topic, "which?")
     assert mqtt.wait_for(out)[0].text == "1"
     assert process.process.poll() is None
+
+
+def test_a_section_removed_and_added_back_before_its_process_ended_runs_again(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    keep = echo(prefix, "keep", topics=[f"{prefix}/keep/#"], qos=1)
+    back = echo(prefix, "back", topics=[f"{prefix}/back/#"], qos=1)
+    process = start(supervisors, mqtt, {"keep": keep, "back": back})
+    first = started_pids(mqtt, back["out"])[0]
+    mqtt.publish(f"{prefix}/back/a", "sleep:2", qos=1)  # its process is busy when the removal comes
+    wait_until(lambda: last_status(mqtt, supervisors)["workers"]["back"]["inflight"] == 1, 10, "the message in hand")
+    rewrite(supervisors, process, {"keep": keep})
+    assert control(mqtt, supervisors, "reload", {})["removed"] == ["back"]
+    rewrite(supervisors, process, {"keep": keep, "back": back})
+    assert control(mqtt, supervisors, "reload", {})["added"] == ["back"]
+    pids = mqtt.wait_for(f"{back['out']}/started", count=2)
+    assert int(pids[1].text) != first
+    wait_echo(mqtt, back["out"], "sleep:2")  # finished before its process ended
+    mqtt.publish(f"{prefix}/back/a", "after", qos=1)
+    mqtt.publish(f"{prefix}/keep/a", "keep after", qos=1)
+    wait_echo(mqtt, back["out"], "after")
+    wait_echo(mqtt, keep["out"], "keep after")
+    status = last_status(mqtt, supervisors)
+    assert sorted(status["workers"]) == ["back", "keep"]
+    assert "unexpected error" not in process.log()
+
+
+def test_a_restart_for_a_reload_is_not_a_crash(supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str) -> None:
+    worker = echo(prefix, topics=[f"{prefix}/in/#"])
+    process = start(supervisors, mqtt, {"echo": worker})
+    rewrite(supervisors, process, {"echo": {**worker, "topics": [f"{prefix}/other/#"]}})
+    assert control(mqtt, supervisors, "reload", {})["changed"] == ["echo"]
+    status = mqtt.wait_for(
+        f"{supervisors.base}/status",
+        lambda m: (
+            m.json()["workers"]["echo"]["state"] == "running"
+            and m.json()["workers"]["echo"]["restart_reasons"] == {"reload": 1}
+        ),
+    )[0].json()["workers"]["echo"]
+    assert status["last_exit"] == "exit code 0 (reload)"
+    assert status["last_crash"] is None
+    assert mqtt.received(f"{supervisors.base}/worker/echo/last_crash") == []
+
+
+@pytest.mark.parametrize("protocol", [5, 311])
+def test_a_worker_added_to_a_filter_others_have_gets_its_retained_messages_and_the_others_not_again(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, protocol: int
+) -> None:
+    retained = f"{prefix}/keep/r"
+    mqtt.publish(retained, "retained once", qos=1, retain=True)
+    keep = echo(prefix, "keep", topics=[f"{prefix}/keep/#"], qos=1)
+    tables = {"mqtt": {"protocol": protocol}}
+    process = start(supervisors, mqtt, {"keep": keep}, tables)
+    try:
+        wait_echo(mqtt, keep["out"], "retained once")
+        same = echo(prefix, "same", topics=[f"{prefix}/keep/#"], qos=1)  # the very filter keep has
+        wider = echo(prefix, "wider", topics=[f"{prefix}/+/r"], qos=1)  # a new filter over the same topic
+        rewrite(supervisors, process, {"keep": keep, "same": same, "wider": wider}, **tables)
+        assert control(mqtt, supervisors, "reload", {})["added"] == ["same", "wider"]
+        wait_echo(mqtt, same["out"], "retained once")
+        wait_echo(mqtt, wider["out"], "retained once")
+        mqtt.publish(f"{prefix}/keep/x", "marker", qos=1)  # after the retained copies, from the same broker
+        wait_echo(mqtt, keep["out"], "marker")
+        assert len(echoes(mqtt, keep["out"], "retained once")) == 1
+    finally:
+        mqtt.publish(retained, "", qos=1, retain=True)
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_a_module_changed_at_a_reload_runs_new_code_under_either_start_method(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str, tmp_path: Path, method: str
+) -> None:
+    module = live_package(tmp_path, supervisors, "1")
+    topic, out = f"{prefix}/in", f"{prefix}/out"
+    mqtt.subscribe(f"{prefix}/#")
+    supervisors.start(
+        {"live": {"topic": topic, "out": out}}, supervisor={"worker_packages": ["livepkg"], "start_method": method}
+    )
+    mqtt.wait_for(f"{supervisors.base}/worker/live/availability", lambda m: m.text == "online")
+    mqtt.publish(topic, "which?")
+    mqtt.wait_for(out)
+    write(module, LIVE.format(version="2"))
+    assert control(mqtt, supervisors, "reload", {})["changed"] == ["live"]
+    mqtt.wait_for(
+        f"{supervisors.base}/status",
+        lambda m: (
+            m.json()["workers"]["live"]["restart_reasons"] == {"reload": 1}
+            and m.json()["workers"]["live"]["state"] == "running"
+        ),
+    )
+    mqtt.publish(topic, "which?")
+    wait_until(lambda: [m.text for m in mqtt.received(out)] == ["1", "2"], 10, "the new version to answer")
+
+
+def test_under_3_1_1_a_wider_filter_taking_over_leaves_no_gap(
+    supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
+) -> None:
+    keep = echo(prefix, "keep", topics=[f"{prefix}/a/b"], qos=1)
+    tables = {"mqtt": {"protocol": 311}}
+    process = start(supervisors, mqtt, {"keep": keep}, tables)
+    wider = echo(prefix, "wider", topics=[f"{prefix}/a/#"], qos=1)
+    rewrite(supervisors, process, {"keep": keep, "wider": wider}, **tables)
+    stream = [f"m{i}" for i in range(300)]
+    sender = send_in_background(mqtt, f"{prefix}/a/b", stream)
+    mqtt.wait_for(f"{keep['out']}/echo", count=20)
+    assert control(mqtt, supervisors, "reload", {})["added"] == ["wider"]
+    sender.join(30)
+    wait_until(lambda: {e["payload"] for e in echoes(mqtt, keep["out"])} >= set(stream), 30, "the whole stream")
+    process.wait_log(f"unsubscribed from {prefix}/a/b")  # covered by the wider one now: sent once, after it

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from contracts import Logged, LogLine, Publish, Site
-from supervisor import config, logrelay, reloading
+from supervisor import config, logrelay, registry, reloading
 from supervisor.router import Router
 
 SECTIONS = """
@@ -118,8 +119,8 @@ def test_the_router_forgets_a_worker_and_the_others_keep_their_subscription_ids(
     assert router.sub_id("w") not in ids.values()  # a new filter never takes an id in use before
 
 
-def line(message: str, level: str = "WARNING") -> LogLine:
-    return LogLine(time=1_700_000_000.0, level=level, logger="workers.w", message=message)
+def line(message: str, level: int = logging.WARNING, time: float = 1_700_000_000.0) -> LogLine:
+    return LogLine(time=time, level=level, logger="workers.w", message=message)
 
 
 def test_log_lines_are_rate_limited_per_worker_and_what_is_left_out_is_counted() -> None:
@@ -143,10 +144,10 @@ def test_log_lines_are_rate_limited_per_worker_and_what_is_left_out_is_counted()
 def test_lines_below_the_level_are_not_published_and_off_publishes_none() -> None:
     sent: list[Publish] = []
     publisher = logrelay.LogPublisher(Site(base_topic="b"), "ERROR", sent.append)
-    publisher.lines("w", Logged(lines=[line("a warning"), line("an error", "ERROR")]))
+    publisher.lines("w", Logged(lines=[line("a warning"), line("an error", logging.ERROR)]))
     assert [json.loads(p.payload)["message"] for p in sent] == ["an error"]
     publisher.set_level("OFF")
-    publisher.lines("w", Logged(lines=[line("critical", "CRITICAL")]))
+    publisher.lines("w", Logged(lines=[line("critical", logging.CRITICAL)]))
     assert len(sent) == 1
 
 
@@ -169,3 +170,59 @@ def test_the_relay_in_a_worker_keeps_at_most_its_bound_and_cuts_long_messages() 
     assert logged.lines[0].message == "line 26"
     assert len(logged.lines[-1].message) == logrelay.MAX_CHARS
     assert relay.take() is None
+
+
+def test_a_level_logging_has_no_name_for_and_a_wrong_time_are_published_as_they_can_be() -> None:
+    sent: list[Publish] = []
+    publisher = logrelay.LogPublisher(Site(base_topic="b"), "WARNING", sent.append)
+    publisher.lines("w", Logged(lines=[line("custom", 45), line("when?", time=float("nan")), line("late", time=1e300)]))
+    documents = [json.loads(p.payload) for p in sent]
+    assert [(d["level"], d["event_type"]) for d in documents] == [
+        ("Level 45", "level_45"),
+        ("WARNING", "warning"),
+        ("WARNING", "warning"),
+    ]
+    assert all(d["time"].endswith("+00:00") for d in documents)
+
+
+def test_a_secret_of_a_disabled_section_handed_over_at_start_is_there_when_a_reload_enables_it(
+    tmp_path: Path,
+) -> None:
+    disabled = SECTIONS.replace('out = "out/echo"', 'out = "out/echo"\nsecret_env = "TOKEN"\nenabled = false')
+    running = load(tmp_path, disabled, {"TOKEN": "s3cret"})  # handed over at start: not in os.environ later
+    assert running.workers[0].name == "other"
+    assert "TOKEN" not in os.environ
+    environ = dict(os.environ) | {name: secret.reveal() for name, secret in running.secrets.items()}
+    new = load(tmp_path, disabled.replace("enabled = false", "enabled = true"), environ)
+    plan = reloading.plan(running, new, os.environ)
+    (added,) = plan.added
+    assert {k: v.reveal() for k, v in added.environment.items()} == {"TOKEN": "s3cret"}
+    assert plan.restart_needed == []
+
+
+def test_a_module_that_imports_but_holds_no_valid_worker_is_imported_again_once_changed(tmp_path: Path) -> None:
+    package = tmp_path / "stuckpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    module = package / "w.py"
+    source = (
+        "import msgspec\nfrom contracts import Worker\n"
+        "class C(msgspec.Struct, frozen=True, forbid_unknown_fields=True):\n    pass\n"
+        'class W(Worker[C]):\n    name = "stuck_w"\n    Config = C\n'
+    )
+    module.write_text(source)  # no docstring: it imports, but is no valid worker
+    sys.path.insert(0, str(tmp_path))
+    try:
+        broken: dict[str, str] = {}
+        assert registry.discover(["stuckpkg"], broken) == {}
+        assert "a worker needs a docstring" in broken["stuckpkg.w"]
+        module.write_text(source.replace("class W(Worker[C]):", 'class W(Worker[C]):\n    """Fixed."""'))
+        stat = module.stat()
+        os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))
+        kept: dict[str, str] = {}
+        assert list(registry.discover(["stuckpkg"], {}, kept)) == ["stuck_w"]
+        assert kept == {}
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in [m for m in sys.modules if m.startswith("stuckpkg")]:
+            del sys.modules[name]
