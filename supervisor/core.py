@@ -55,7 +55,8 @@ from supervisor.systemd import Notifier
 
 log = logging.getLogger("supervisor")
 
-_MEMORY_CHECK_SECONDS = 2.0
+_MEMORY_CHECK_SECONDS = 10.0
+_MAX_WAIT_SECONDS = 60.0  # every periodic task has its own timer: the loop need not wake to look
 _WATCH_SECONDS = 1.0  # how often watch mode ([supervisor] reload_on_change) looks at the files
 
 
@@ -172,13 +173,13 @@ class Supervisor:
             if self.notifier.watchdog_seconds:
                 self.loop.call_later(self.notifier.watchdog_seconds / 2, self._watchdog)
             self.loop.after_wakeup(self._end_of_wakeup)
-            self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory)
+            self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory, aligned=True)
             self.reloader.watch_if_asked()
             gc.freeze()  # start-up objects leave the collector's view: shorter pauses, pages stay shared with workers
             log.info("supervisor started with workers: %s", ", ".join(self.pool.slots) or "none")
             self._say_where_to_look()
             while not self.pool.stopped:
-                self.loop.run_once()
+                self.loop.run_once(max_wait=_MAX_WAIT_SECONDS)
             log.removeHandler(self.logs)
             self.status.stopped()
             self.link.stop()
@@ -278,7 +279,7 @@ class Supervisor:
                 self.resident_bytes / 2**20,
                 warning,
             )
-        self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory)
+        self.loop.call_later(_MEMORY_CHECK_SECONDS, self._check_memory, aligned=True)
 
     def _end_of_wakeup(self) -> None:
         """Make this wake-up's publications durable, then acknowledge, then write to workers and the broker, then
@@ -290,6 +291,7 @@ class Supervisor:
         self.deliveries.release()
         self.pool.write()
         self.status.check_availability()
+        self.status.touch()
         self.link.flush()
         self.publisher.tidy()
         if self.dedupe is not None:

@@ -1,8 +1,9 @@
 """Liveness: the checks that kill a worker process which looks hung or uses too much memory.
 
-Every quarter second, a process stuck on one message past its `message_deadline_seconds`, or silent past its
-`heartbeat_timeout_seconds` while idle (`WorkerSlot.overdue`); every 2 s, one whose resident memory passed its
-`memory_limit_mb` (inside a worker, RLIMIT_DATA stops a fast allocation between two checks: see
+A process stuck on one message past its `message_deadline_seconds`, or silent past its `heartbeat_timeout_seconds`
+while idle (`WorkerSlot.overdue`), is looked at when the first such deadline of any worker can have passed, not on
+a fixed tick: an idle supervisor wakes for this about once per heartbeat timeout. Every 5 s, one whose resident
+memory passed its `memory_limit_mb` (inside a worker, RLIMIT_DATA stops a fast allocation between two checks: see
 `supervisor.worker_process`). What a kill leads to is the worker pool's: it restarts the worker by its policy.
 """
 
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from supervisor.loop import Loop
+from supervisor.loop import Loop, TimerHandle
 from supervisor.slot import RestartReason, WorkerSlot
 
-LIVENESS_CHECK_SECONDS = 0.25
-MEMORY_CHECK_SECONDS = 2.0
+MEMORY_CHECK_SECONDS = 5.0
+_SLACK_SECONDS = 0.01  # past a deadline, so that the check finds it passed
 
 Kill = Callable[[WorkerSlot, RestartReason, str], None]  # (slot, reason, what it did), kills its process
 
@@ -26,10 +27,18 @@ class Liveness:
         self.loop = loop
         self.slots = slots
         self.kill = kill
+        self._timer: TimerHandle | None = None
 
     def start(self) -> None:
-        self.loop.call_later(LIVENESS_CHECK_SECONDS, self._check_liveness)
-        self.loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
+        self._check_liveness()
+        self.loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory, aligned=True)
+
+    def started(self, slot: WorkerSlot) -> None:
+        """A process of `slot` started: its heartbeat deadline may come before the next check."""
+        due = slot.next_deadline(self.loop.clock())
+        if self._timer is not None and due is not None and due + _SLACK_SECONDS < self._timer.when:
+            self._timer.cancel()
+            self._timer = self.loop.call_at(due + _SLACK_SECONDS, self._check_liveness)
 
     def _check_liveness(self) -> None:
         now = self.loop.clock()
@@ -37,7 +46,9 @@ class Liveness:
             verdict = slot.overdue(now)
             if verdict is not None:
                 self.kill(slot, *verdict)
-        self.loop.call_later(LIVENESS_CHECK_SECONDS, self._check_liveness)
+        deadlines = [d for d in (slot.next_deadline(now) for slot in self.slots.values()) if d is not None]
+        when = max(min(deadlines, default=now + 60.0), now) + _SLACK_SECONDS
+        self._timer = self.loop.call_at(when, self._check_liveness)
 
     def _check_memory(self) -> None:
         for slot in list(self.slots.values()):
@@ -50,4 +61,4 @@ class Liveness:
                 process.limit_reached = f"memory_limit_mb = {limit}"
                 detail = f"uses {resident / 2**20:.0f} MiB, over memory_limit_mb = {limit}"
                 self.kill(slot, RestartReason.MEMORY, detail)
-        self.loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory)
+        self.loop.call_later(MEMORY_CHECK_SECONDS, self._check_memory, aligned=True)

@@ -38,7 +38,9 @@ from supervisor.secrets import Secret
 
 log = logging.getLogger(__name__)
 
-_MISC_INTERVAL = 1.0
+# paho's loop_misc (keepalive pings, a missing ping response): every 5 s, or four times per keepalive when that is
+# shorter; an idle link wakes no more often (in step with the supervisor's other 5 s tasks: `Loop.call_later`).
+_MISC_SECONDS = 5.0
 _MAX_READS_PER_WAKEUP = 10_000
 _REPEAT_LOG_SECONDS = 60.0
 _STABLE_CONNECTION_SECONDS = 10.0
@@ -123,6 +125,7 @@ class MqttLink:
         self._client = self._build_client(password)
         self._subscriptions = _Subscriptions(self._client, self._v5)
         self._connector = _Connector(config, loop, self._client, lambda: self.connected)
+        self._misc_interval = min(_MISC_SECONDS, config.keepalive_seconds / 4)
 
     # Public API ---------------------------------------------------------------------------------------------------
 
@@ -160,7 +163,7 @@ class MqttLink:
 
     def start(self) -> None:
         """Connect now, and keep reconnecting until `stop`. The owner calls `flush` at the end of every wake-up."""
-        self.loop.call_later(_MISC_INTERVAL, self._misc)
+        self.loop.call_later(self._misc_interval, self._misc, aligned=True)
         self._connector.connect()
 
     def size_problem(self, topic: str, payload: bytes) -> str | None:
@@ -314,7 +317,7 @@ class MqttLink:
         if self.connected and self.loop.clock() - self._connected_at >= _STABLE_CONNECTION_SECONDS:
             self._connector.stable()
         self._client.loop_misc()
-        self.loop.call_later(_MISC_INTERVAL, self._misc)
+        self.loop.call_later(self._misc_interval, self._misc, aligned=True)
 
     def _forget_socket(self, sock: Any) -> None:
         self.loop.remove_reader(sock)

@@ -197,6 +197,7 @@ class WorkerPool:
             self.settings.supervisor.mqtt_log_level,
         )
         slot.starting(process, self.loop.clock())
+        self.liveness.started(slot)
         self.loop.add_reader(process.channel, lambda: self._read(slot, process))
         self.loop.add_reader(process.sentinel, lambda: self._ended(slot, process))
         log.info("worker %s starting (pid %d)", slot.name, process.pid)

@@ -138,7 +138,9 @@ class WorkerProcess:
             config=msgspec.msgpack.encode(settings.config),
             state_dir=state_dir,
             log_level=log_level,
-            heartbeat_seconds=min(1.0, settings.supervision.heartbeat_timeout_seconds / 4),
+            # Six heartbeats per timeout (every 5 s by default): an idle worker wakes, and wakes the supervisor, no
+            # more often.
+            heartbeat_seconds=settings.supervision.heartbeat_timeout_seconds / 6,
             site=site,
             release_fds=[*inherited, ours.fileno()] if forked else [],
             environment={name: secret.reveal() for name, secret in settings.environment.items()},

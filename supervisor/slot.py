@@ -293,6 +293,16 @@ class WorkerSlot:
         self.queued.clear()
         return dropped
 
+    def next_deadline(self, now: float) -> float | None:
+        """The earliest time at which `overdue` can find its process hung, as things stand at `now` (a message that
+        comes later has its deadline later still); None while there is nothing to watch."""
+        policy = self.settings.supervision
+        if self.process is None or self.state is WorkerState.STOPPING or self.kill_reason is not None:
+            return None
+        if self.inflight:
+            return self.progress_at + policy.message_deadline_seconds
+        return min(self.last_seen + policy.heartbeat_timeout_seconds, now + policy.message_deadline_seconds)
+
     def overdue(self, now: float) -> tuple[RestartReason, str] | None:
         """(reason, detail) when the process looks hung: stuck on a message past its deadline, or silent past the
         heartbeat timeout while idle; None while it looks alive."""

@@ -16,7 +16,7 @@ import msgspec
 
 from contracts import Site
 from contracts.status import MqttStatus, ReloadStatus, Status, WorkerState, WorkerStatus
-from supervisor.loop import Loop
+from supervisor.loop import Loop, TimerHandle
 from supervisor.slot import WorkerSlot
 
 _CHECK_SECONDS = 1.0
@@ -58,10 +58,21 @@ class StatusReporter:
         self._last: Status | None = None
         self._last_sent = 0.0
         self._stopped = False  # the final document is out: nothing may replace it
+        self._timer: TimerHandle | None = None
+        self._parked = False  # the next check waits for I/O or the interval (see `_tick`)
+        self._io_seen = 0  # the loop's I/O wake-ups at the last check
         self.last_reload: ReloadStatus | None = None
 
     def start(self) -> None:
-        self.loop.call_later(_CHECK_SECONDS, self._tick)
+        self._timer = self.loop.call_later(_CHECK_SECONDS, self._tick)
+
+    def touch(self) -> None:
+        """At the end of every wake-up: one that had I/O may have changed the status, so while the check is parked
+        (see `_tick`) it runs again within the second."""
+        if self._parked and self.loop.io_wakeups != self._io_seen and self._timer is not None:
+            self._parked = False
+            self._timer.cancel()
+            self._timer = self.loop.call_later(_CHECK_SECONDS, self._tick)
 
     def availability_topic(self, worker: str) -> str:
         return self.site.worker_availability_topic(worker)
@@ -154,8 +165,15 @@ class StatusReporter:
         self._publish_status(force=False)
 
     def _tick(self) -> None:
+        """Publish the status if it changed; every second while things happen. After a second with no I/O at all
+        nothing can have changed, so the check parks until the next I/O (`touch`) or the interval's publication:
+        an idle supervisor does not wake every second for it."""
+        active = self.loop.io_wakeups != self._io_seen
+        self._io_seen = self.loop.io_wakeups
         self._publish_status(force=False)
-        self.loop.call_later(_CHECK_SECONDS, self._tick)
+        self._parked = not active
+        delay = _CHECK_SECONDS if active else max(self._last_sent + self.interval - time.monotonic(), _CHECK_SECONDS)
+        self._timer = self.loop.call_later(delay, self._tick)
 
     def _publish_status(self, force: bool) -> None:
         if not self.link.connected or self._stopped:

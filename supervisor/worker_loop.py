@@ -147,7 +147,7 @@ class WorkerLoop:
         self._flush()
         self.loop.add_reader(self.channel, self._readable)
         self.loop.after_wakeup(self._flush)
-        self.ctx.every(self.spec.heartbeat_seconds, self._heartbeat)
+        self.loop.call_later(self.spec.heartbeat_seconds, self._heartbeat, aligned=True)
         while self._exit_code is None:
             self.loop.run_once(max_wait=self.spec.heartbeat_seconds)
         return self._exit_code
@@ -167,8 +167,11 @@ class WorkerLoop:
         self._flush()  # report handled messages before a timer callback gets a chance to hang or crash
 
     def _heartbeat(self) -> None:
-        if time.monotonic() - self._last_sent >= self.spec.heartbeat_seconds:
+        """On the clock's multiples of the interval (in step with the supervisor's periodic tasks), when the worker
+        sent nothing for that long."""
+        if time.monotonic() - self._last_sent >= self.spec.heartbeat_seconds * 0.9:
             self.ctx.outgoing.append(Heartbeat())
+        self.loop.call_later(self.spec.heartbeat_seconds, self._heartbeat, aligned=True)
 
     def _handle(self, message: Message) -> None:
         started = time.perf_counter()

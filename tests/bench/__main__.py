@@ -1,11 +1,14 @@
 """`make bench`: the supervisor against a plain paho echo client, measured side by side in one run.
 
-Starts its own Mosquitto on a free loopback port and measures, each as the median of several runs: routed
-throughput (QoS 1 and QoS 0, with loss), fan-out to 1/4/16 workers, memory (PSS) against one process per service,
-and recovery after `kill -9` of a worker and after a broker restart; and round-trip latency at a fixed rate, from
-round trips pooled over many short turns that alternate between the supervisor and the baseline. The
-load comes from `rawmqtt` (raw sockets, so the driver is not what limits the systems measured). Prints a table,
-then one JSON object with every figure as the last line. Every run is bounded in count and time.
+The baseline is what a user writes instead (`plain_echo.py`: paho's own loop thread, TCP_NODELAY, `on_message`
+publishing back); the supervisor runs the equivalent echo worker (`relay`). Starts its own Mosquitto on a free
+loopback port and measures, each as the median of several runs: routed throughput (QoS 1 and QoS 0, with loss),
+CPU time per message at paced home rates (100 and 1000 msg/s, QoS 0 and 1: the supervisor and its worker together
+against the plain client), idle CPU, fan-out to 1/4/16 workers, memory (PSS) of the four shipped workers against one
+process per service, recovery after `kill -9` of a worker and after broker outages of several lengths; and
+round-trip latency at a fixed rate, pooled over many short turns that alternate between the two systems. The load
+comes from `rawmqtt` (raw sockets, so the driver is not what limits the systems measured; its own CPU per message is
+reported). Prints a table, then one JSON object with every figure as the last line. Every run is bounded.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ LATENCY_RATE = 1000
 LATENCY_MESSAGES = 500  # per turn: half a second
 LATENCY_TURNS = 40  # per system, alternating: 20,000 round trips each (the tail needs many bursts of noise to average)
 FLOOD_MESSAGES = 50_000
+CPU_RATES = {100: 300, 1000: 3000}  # paced rate -> messages per turn (3 s each)
+CPU_TURNS = 2  # per system and rate, alternating
+IDLE_SECONDS = 10.0
+OUTAGES = (0.2, 0.7, 1.5, 3.0, 6.0)  # broker down this long: the retry cycle is met at different points
 RUN_TIMEOUT = 60.0
 # The bench broker: queues deep enough that a QoS 0 loss is the system's, not the broker's default 1000 limit.
 BROKER_ACCESS = "allow_anonymous true\nmax_queued_messages 100000\n"
@@ -117,10 +124,13 @@ def ready_processes(commands: list[list[str]]) -> Iterator[list[subprocess.Popen
 
 
 def baselines(broker: Broker, topics: list[tuple[str, str]], qos: int) -> Processes:
-    """One baseline process (the relay worker on its own paho client) per (in topic, out prefix)."""
-    script = str(Path(__file__).with_name("baseline_echo.py"))
+    """One plain paho echo client per (in topic, out prefix)."""
+    script = str(Path(__file__).with_name("plain_echo.py"))
     return ready_processes(
-        [[sys.executable, script, str(broker.port), in_topic, out_topic, str(qos)] for in_topic, out_topic in topics]
+        [
+            [sys.executable, script, str(broker.port), in_topic, f"{out_topic}/plain", str(qos)]
+            for in_topic, out_topic in topics
+        ]
     )
 
 
@@ -165,6 +175,19 @@ def percentiles(rtts: list[float], lost: int) -> dict[str, float]:
         "max_ms": round(rtts[-1], 3),
         "lost": lost,
     }
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time (ns) of every thread of `pids` so far, from schedstat (nanoseconds, where /proc/<pid>/stat counts
+    10 ms ticks: too coarse for an idle process)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):  # a thread that just ended
+                continue
+    return total
 
 
 def pss_bytes(pid: int) -> int:
@@ -238,6 +261,8 @@ def run_all(broker: Broker, workdir: Path, results: dict[str, Any]) -> None:
             }
             log(f"QoS {qos}: supervisor {rate:.0f} msg/s (lost {lost}), baseline {base_rate:.0f} (lost {base_lost})")
         results["latency"] = measure_latency(broker, workdir, load)
+        results["cpu"] = measure_cpu(broker, workdir, load)
+        results["idle"] = measure_idle(broker, workdir)
         results["fanout"] = measure_fanout(broker, workdir, load)
     finally:
         load.close()
@@ -271,6 +296,66 @@ def measure_latency(broker: Broker, workdir: Path, load: LoadGen) -> dict[str, A
     figures: dict[str, Any] = {system: percentiles(rtts, sum(losses)) for system, (rtts, losses) in samples.items()}
     figures["p99_ratio"] = round(figures["supervisor"]["p99_ms"] / figures["baseline"]["p99_ms"], 3)
     log(f"latency at {LATENCY_RATE}/s: supervisor {figures['supervisor']}, baseline {figures['baseline']}")
+    return figures
+
+
+def measure_cpu(broker: Broker, workdir: Path, load: LoadGen) -> dict[str, Any]:
+    """CPU time per message (the supervisor and its worker together, against the plain client) at paced rates: what
+    a message costs at home, where per-wake-up work weighs more than under a flood. Alternating turns, both running."""
+    figures: dict[str, Any] = {}
+    for qos in (0, 1):
+        with (
+            supervisor(broker, workdir, relays(1, lambda i: ["bench/cpu/supervisor"], qos)) as process,
+            baselines(broker, [("bench/cpu/baseline", "bench/out")], qos) as plain,
+        ):
+            pids = {"supervisor": [process.pid, *worker_pids(process.pid)], "baseline": [p.pid for p in plain]}
+            for rate, messages in CPU_RATES.items():
+                used, handled, load_ns = dict.fromkeys(pids, 0), dict.fromkeys(pids, 0), 0
+                for _ in range(CPU_TURNS):
+                    for system, its in pids.items():
+                        before, load_before = cpu_ns(its), time.thread_time_ns()
+                        arrivals = load.run(
+                            [f"bench/cpu/{system}"], qos, messages, rate=rate, size=PAYLOAD_BYTES, timeout=RUN_TIMEOUT
+                        )
+                        load_ns += time.thread_time_ns() - load_before
+                        used[system] += cpu_ns(its) - before
+                        handled[system] += len(arrivals)
+                us = {system: used[system] / max(handled[system], 1) / 1000 for system in pids}
+                figures[f"qos{qos}_{rate}"] = {
+                    "supervisor_us": round(us["supervisor"], 1),
+                    "baseline_us": round(us["baseline"], 1),
+                    "ratio": round(us["supervisor"] / us["baseline"], 3),
+                    "load_generator_us": round(load_ns / max(sum(handled.values()), 1) / 1000, 1),
+                    "lost": CPU_TURNS * messages * 2 - sum(handled.values()),
+                }
+                log(f"CPU per message, QoS {qos} at {rate}/s: {figures[f'qos{qos}_{rate}']}")
+    return figures
+
+
+def idle_ms_per_s(pids: list[int]) -> float:
+    before = cpu_ns(pids)
+    time.sleep(IDLE_SECONDS)
+    return (cpu_ns(pids) - before) / 1e6 / IDLE_SECONDS
+
+
+def measure_idle(broker: Broker, workdir: Path) -> dict[str, Any]:
+    """CPU while nothing happens (heartbeats, timers, status and metrics bookkeeping): the supervisor with one worker
+    against one plain client, measured over the same seconds."""
+    with (
+        supervisor(broker, workdir, relays(1, lambda i: ["bench/idle/supervisor"], 1)) as process,
+        baselines(broker, [("bench/idle/baseline", "bench/out")], 1) as plain,
+    ):
+        time.sleep(1.0)  # past the start
+        pids = {"supervisor": [process.pid, *worker_pids(process.pid)], "baseline": [p.pid for p in plain]}
+        before = {system: cpu_ns(its) for system, its in pids.items()}
+        time.sleep(IDLE_SECONDS)
+        ms = {system: (cpu_ns(its) - before[system]) / 1e6 / IDLE_SECONDS for system, its in pids.items()}
+    figures = {
+        "supervisor_ms_per_s": round(ms["supervisor"], 3),
+        "baseline_ms_per_s": round(ms["baseline"], 3),
+        "ratio": round(ms["supervisor"] / ms["baseline"], 3),
+    }
+    log(f"idle CPU: {figures}")
     return figures
 
 
@@ -323,9 +408,11 @@ def measure_memory(broker: Broker, workdir: Path) -> dict[str, Any]:
         supervisor_pss = pss_bytes(process.pid)
         helper_pss = sum(pss_bytes(pid) for pid in helpers)
         worker_pss = [pss_bytes(pid) for pid in workers]
+        idle = idle_ms_per_s([process.pid, *workers])
     with services(broker) as processes:
         time.sleep(1.0)
         baseline_pss = [pss_bytes(p.pid) for p in processes]
+        baseline_idle = idle_ms_per_s([p.pid for p in processes])
     total = supervisor_pss + helper_pss + sum(worker_pss)
     figures = {
         "supervisor_mib": mib(supervisor_pss),
@@ -335,6 +422,8 @@ def measure_memory(broker: Broker, workdir: Path) -> dict[str, Any]:
         "baseline_process_mib": [mib(p) for p in baseline_pss],
         "baseline_total_mib": mib(sum(baseline_pss)),
         "ratio": round(total / sum(baseline_pss), 3),
+        "idle_ms_per_s": round(idle, 3),
+        "baseline_idle_ms_per_s": round(baseline_idle, 3),
     }
     log(f"memory: {figures}")
     return figures
@@ -398,13 +487,15 @@ def measure_recovery(broker: Broker, workdir: Path) -> dict[str, Any]:
                 worker_ms.append(_worker_recovery(load, process.pid))
     finally:
         load.close()
-    for _ in range(5):
+    for outage in OUTAGES:
         with supervisor(broker, workdir, relays(1, lambda i: ["bench/in"], 1)):
-            broker_ms.append(_broker_recovery(broker))
+            broker_ms.append(_broker_recovery(broker, outage))
     figures = {
         "worker_kill_to_first_message_ms": round(median(worker_ms), 1),
         "worker_runs_ms": [round(v, 1) for v in worker_ms],
         "broker_back_to_flowing_ms": round(median(broker_ms), 1),
+        "broker_back_max_ms": round(max(broker_ms), 1),
+        "broker_outages_s": list(OUTAGES),
         "broker_runs_ms": [round(v, 1) for v in broker_ms],
     }
     log(f"recovery: {figures}")
@@ -428,10 +519,11 @@ def _worker_recovery(load: LoadGen, supervisor_pid: int) -> float:
     return (min(after) - killed_at) / 1e6
 
 
-def _broker_recovery(broker: Broker) -> float:
-    """ms from the broker accepting connections again (after a 1 s outage) to the first echo through the supervisor."""
+def _broker_recovery(broker: Broker, outage: float) -> float:
+    """ms from the broker accepting connections again (after `outage` seconds) to the first echo through the
+    supervisor."""
     broker.stop()
-    time.sleep(1.0)
+    time.sleep(outage)
     broker.start()
     back = time.perf_counter_ns()
     load = LoadGen(broker.port, "bench/out/#")
@@ -448,12 +540,14 @@ def targets_met(r: dict[str, Any]) -> dict[str, bool]:
     """Each of the issue's targets, judged on this run's figures."""
     lat, rec = r["latency"], r["recovery"]
     return {
-        "qos1": r["qos1"]["ratio"] >= 1.0 and r["qos1"]["supervisor_lost"] == 0,
-        "qos0": r["qos0"]["ratio"] >= 1.0,
+        "qos1": r["qos1"]["ratio"] >= 1.3 and r["qos1"]["supervisor_lost"] == 0,
+        "qos0": r["qos0"]["ratio"] >= 1.3,
         "latency": lat["p99_ratio"] <= 1.5 and lat["supervisor"]["p99_ms"] < 5.0,
-        "memory": r["memory"]["ratio"] <= 0.75,
-        "worker_back": rec["worker_kill_to_first_message_ms"] <= 50.0,
-        "broker_back": rec["broker_back_to_flowing_ms"] <= 100.0,
+        **{f"cpu_{key}": cpu["ratio"] <= 1.2 for key, cpu in r["cpu"].items()},
+        "idle": r["idle"]["ratio"] <= 2.0,
+        "memory": r["memory"]["ratio"] <= 0.6,
+        "worker_back": rec["worker_kill_to_first_message_ms"] <= 20.0,
+        "broker_back": rec["broker_back_max_ms"] <= 50.0,
     }
 
 
@@ -473,7 +567,7 @@ def print_table(r: dict[str, Any]) -> None:
             flow(r["qos1"], "supervisor"),
             flow(r["qos1"], "baseline"),
             f"{r['qos1']['ratio']}x",
-            ">= 1.0x, lost 0",
+            ">= 1.3x, lost 0",
             met["qos1"],
         ),
         (
@@ -481,7 +575,7 @@ def print_table(r: dict[str, Any]) -> None:
             flow(r["qos0"], "supervisor"),
             flow(r["qos0"], "baseline"),
             f"{r['qos0']['ratio']}x",
-            ">= 1.0x",
+            ">= 1.3x",
             met["qos0"],
         ),
         (
@@ -492,23 +586,57 @@ def print_table(r: dict[str, Any]) -> None:
             "p99 <= 1.5x and < 5 ms",
             met["latency"],
         ),
+        *[
+            (
+                f"CPU per message, QoS {key[3]} at {key.split('_')[1]}/s",
+                f"{cpu['supervisor_us']} us",
+                f"{cpu['baseline_us']} us",
+                f"{cpu['ratio']}x",
+                "<= 1.2x",
+                met[f"cpu_{key}"],
+            )
+            for key, cpu in r["cpu"].items()
+        ],
+        (
+            "idle CPU, one service",
+            f"{r['idle']['supervisor_ms_per_s']} ms/s",
+            f"{r['idle']['baseline_ms_per_s']} ms/s",
+            f"{r['idle']['ratio']}x",
+            "<= 2x",
+            met["idle"],
+        ),
         (
             "memory, 4 idle services (PSS)",
             f"{mem['total_mib']} MiB",
-            f"{mem['baseline_total_mib']} MiB",
+            f"{mem['baseline_total_mib']} MiB (4 processes)",
             f"{mem['ratio']}x",
-            "<= 0.75x",
+            "<= 0.6x",
             met["memory"],
+        ),
+        (
+            "idle CPU, the 4 shipped workers",
+            f"{mem['idle_ms_per_s']} ms/s",
+            f"{mem['baseline_idle_ms_per_s']} ms/s (4 processes)",
+            "",
+            "",
+            "",
         ),
         (
             "kill -9 worker -> first message",
             f"{rec['worker_kill_to_first_message_ms']} ms",
             "",
             "",
-            "<= 50 ms",
+            "<= 20 ms",
             met["worker_back"],
         ),
-        ("broker back -> flowing", f"{rec['broker_back_to_flowing_ms']} ms", "", "", "<= 100 ms", met["broker_back"]),
+        (
+            f"broker back -> flowing, outages {', '.join(f'{o:g}' for o in rec['broker_outages_s'])} s",
+            f"median {rec['broker_back_to_flowing_ms']}, max {rec['broker_back_max_ms']} ms",
+            "",
+            "",
+            "<= 50 ms",
+            met["broker_back"],
+        ),
     ]
     for count in (1, 4, 16):
         f = r["fanout"][f"workers_{count}"]
@@ -522,9 +650,11 @@ def print_table(r: dict[str, Any]) -> None:
                 "",
             )
         )
-    header = ("measure", "supervisor", "baseline (one process per service)", "ratio", "target", "met")
+    header = ("measure", "supervisor (+ its workers)", "baseline: plain paho client", "ratio", "target", "met")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     print(f"\nmake bench, {r['date']}, {r['machine']}, {r['seconds']} s")
+    load_us = {key: cpu["load_generator_us"] for key, cpu in r["cpu"].items()}
+    print(f"load generator (rawmqtt, one thread) CPU per message: {load_us} us")
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
     print(
