@@ -2,7 +2,7 @@
 
 A process stuck on one message past its `message_deadline_seconds`, or silent past its `heartbeat_timeout_seconds`
 while idle (`WorkerSlot.overdue`), is looked at when the first such deadline of any worker can have passed, not on
-a fixed tick: an idle supervisor wakes for this about once per heartbeat timeout. Every 5 s, one whose resident
+a fixed tick: an idle supervisor wakes for this about once per heartbeat timeout. Every 2.5 s, one whose resident
 memory passed its `memory_limit_mb` (inside a worker, RLIMIT_DATA stops a fast allocation between two checks: see
 `supervisor.worker_process`). What a kill leads to is the worker pool's: it restarts the worker by its policy.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from supervisor.loop import Loop, TimerHandle
 from supervisor.slot import RestartReason, WorkerSlot
 
-MEMORY_CHECK_SECONDS = 5.0
+MEMORY_CHECK_SECONDS = 2.5
 _SLACK_SECONDS = 0.01  # past a deadline, so that the check finds it passed
 
 Kill = Callable[[WorkerSlot, RestartReason, str], None]  # (slot, reason, what it did), kills its process

@@ -44,6 +44,8 @@ _MISC_SECONDS = 5.0
 _MAX_READS_PER_WAKEUP = 10_000
 _REPEAT_LOG_SECONDS = 60.0
 _STABLE_CONNECTION_SECONDS = 10.0
+_FAST_RETRY_SECONDS = 0.02  # a refused connection soon after the link went down: retried this soon
+_FAST_RETRY_WINDOW_SECONDS = 10.0
 _PACKET_TOO_LARGE = ReasonCode(PacketTypes.DISCONNECT, "Packet too large")
 # The MQTT 5 user property that carries every publication's stable id (identifier 0x26, then the key).
 PUBLICATION_ID_KEY = "publication-id"
@@ -524,11 +526,13 @@ class _Connector:
         self._connect_deadline: TimerHandle | None = None
         self._connecting: socket.socket | None = None  # a TCP connection under way
         self._last_problem: tuple[str, float] | None = None
+        self._down_since: float | None = None  # when the link went down (None: up, or never connected yet)
 
     def up(self) -> None:
         """The broker accepted the connection: the next retry waits the shortest time again."""
         self.cancel_deadline()
         self._delay = self.config.reconnect_min_seconds
+        self._down_since = None
 
     def stable(self) -> None:
         """The connection has stayed up a while: the last problem is over."""
@@ -615,9 +619,17 @@ class _Connector:
             self._connect_deadline = None
 
     def schedule(self, backoff: bool = True) -> None:
+        """Connect again later: after a refused connection (no `backoff`: the broker is restarting, or down) every
+        20 ms for the first 10 s after the link went down, so that it flows again within tens of milliseconds of
+        the broker's return, then every `reconnect_min_seconds`; after any other failure, with exponential backoff."""
         if self.stopping or self._retry is not None:
             return
+        now = self.loop.clock()
+        if self._down_since is None:
+            self._down_since = now
         delay = self._delay if backoff else self.config.reconnect_min_seconds
+        if not backoff and now - self._down_since < _FAST_RETRY_WINDOW_SECONDS:
+            delay = min(delay, _FAST_RETRY_SECONDS)
         if backoff:
             self._delay = min(self._delay * 2, self.config.reconnect_max_seconds)
         self._retry = self.loop.call_later(delay, self.connect)

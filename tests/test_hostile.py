@@ -253,8 +253,10 @@ def test_a_worker_whose_resident_memory_passes_its_limit_is_killed_and_reported(
     supervisors: SupervisorFactory, mqtt: MqttProbe, prefix: str
 ) -> None:
     process = start(supervisors, mqtt, {"echo": echo(prefix, memory_limit_mb=64)})
-    mqtt.publish(f"{prefix}/in/x", "grow:4")
-    process.wait_log("over memory_limit_mb = 64; killing it", timeout=30)
+    # 4 MiB a second: the resident memory passes 64 MiB seconds before the data limit (64 MiB more than at start)
+    # would stop an allocation, and the supervisor looks every 2.5 s.
+    mqtt.publish(f"{prefix}/in/x", "grow:2")
+    process.wait_log("over memory_limit_mb = 64; killing it", timeout=40)
     status = mqtt.wait_for(
         f"{supervisors.base}/status", lambda m: m.json()["workers"]["echo"]["restart_reasons"].get("memory")
     )
