@@ -266,18 +266,19 @@ class WorkerPool:
         process.close()
         reason = slot.exit_reason(process.start_error, process.limit_reached, status.signal, status.abnormal)
         slot.ended(reason, status.describe(), datetime.now(UTC).isoformat(timespec="seconds"), self.stopping)
-        if reason.crash and not self.stopping:
-            self._publish_crash(slot)
         poison = slot.take_back_unfinished(process.message_in_handler)
-        if poison is not None:
-            self.publisher.dead_letter(slot.name, poison, slot.last_exit)
-            self.events.message_done(slot.name, poison, handled=True)  # given up: a copy would only crash it again
         if self.stopping:
             slot.stopped()
             log.info("worker %s stopped: %s", slot.name, status.describe())
-            return
-        self._after_exit(slot, status, reason)
-        self.events.worker_ended(slot.name)
+        else:
+            self._after_exit(slot, status, reason)  # a restart first: what follows can wait the ms it takes
+            if reason.crash:
+                self._publish_crash(slot)
+        if poison is not None:
+            self.publisher.dead_letter(slot.name, poison, slot.last_exit)
+            self.events.message_done(slot.name, poison, handled=True)  # given up: a copy would only crash it again
+        if not self.stopping:
+            self.events.worker_ended(slot.name)
 
     def _publish_crash(self, slot: WorkerSlot) -> None:
         """Publish (retained, for Home Assistant's "Last crash") the crash that just ended `slot`'s process."""
@@ -302,7 +303,9 @@ class WorkerPool:
         decision = slot.tracker.exited(self.loop.clock(), abnormal=status.abnormal or slot.kill_reason is not None)
         match decision.verdict:
             case Verdict.RESTART:
-                slot.backing_off(reason, self.loop.call_later(decision.delay, lambda: self._start(slot)))
+                immediate = decision.delay <= 0  # a first crash: started again in this very wake-up
+                timer = None if immediate else self.loop.call_later(decision.delay, lambda: self._start(slot))
+                slot.backing_off(reason, timer)
                 log.warning(
                     "worker %s ended: %s; restarting in %.2f s",
                     slot.name,
@@ -310,6 +313,8 @@ class WorkerPool:
                     decision.delay,
                     extra=about(slot.name),
                 )
+                if immediate:
+                    self._start(slot)
             case Verdict.STAY_STOPPED:
                 slot.stopped()
                 restart = slot.settings.supervision.restart

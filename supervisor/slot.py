@@ -167,8 +167,8 @@ class WorkerSlot:
             return RestartReason.KILLED
         return RestartReason.EXIT if abnormal else RestartReason.NORMAL
 
-    def backing_off(self, reason: RestartReason, timer: TimerHandle) -> None:
-        """It will be started again when `timer` fires."""
+    def backing_off(self, reason: RestartReason, timer: TimerHandle | None) -> None:
+        """It will be started again when `timer` fires (None: at once, by the caller)."""
         self.restarts[reason] += 1
         self.state = WorkerState.BACKOFF
         self.timer = timer
