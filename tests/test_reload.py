@@ -194,6 +194,16 @@ def test_a_key_that_cannot_change_live_is_named_and_waits_for_a_restart(
     assert status["mqtt"]["reconnects"] == 0
 
 
+def running_again_after_a_reload(mqtt: MqttProbe, supervisors: SupervisorFactory, worker: str) -> dict[str, Any]:
+    """The status of `worker` once it runs again after one restart for a reload."""
+
+    def again(m: Any) -> bool:
+        status = m.json()["workers"][worker]
+        return status["restart_reasons"] == {"reload": 1} and status["state"] == "running"  # type: ignore[no-any-return]
+
+    return mqtt.wait_for(f"{supervisors.base}/status", again)[0].json()["workers"][worker]  # type: ignore[no-any-return]
+
+
 def live_package(tmp_path: Path, supervisors: SupervisorFactory, version: str) -> Path:
     package = tmp_path / "livepkg"
     package.mkdir()
@@ -239,13 +249,7 @@ def test_at_reload_a_changed_module_restarts_its_worker_with_its_new_subscriptio
     answer = control(mqtt, supervisors, "reload", {})
     assert answer["changed"] == ["live"]
     assert answer["kept_modules"] == {}
-    mqtt.wait_for(
-        f"{supervisors.base}/status",
-        lambda m: (
-            m.json()["workers"]["live"]["restart_reasons"] == {"reload": 1}
-            and m.json()["workers"]["live"]["state"] == "running"
-        ),
-    )
+    running_again_after_a_reload(mqtt, supervisors, "live")
     mqtt.publish(f"{topic}/v3", "which?")
     wait_until(lambda: answers() == ["1", "1", "3"], 10, "the new version to answer on its new topic")
     mqtt.publish(topic, "not mine any more")
@@ -343,13 +347,7 @@ def test_watch_mode_restarts_the_worker_whose_module_was_saved_and_only_it(
     process.wait_log("watch mode: a saved change to")
     write(module, LIVE.format(version="2"))
     process.wait_log("config reloaded (watch mode: live.py changed): changed: live")
-    mqtt.wait_for(
-        f"{supervisors.base}/status",
-        lambda m: (
-            m.json()["workers"]["live"]["restart_reasons"] == {"reload": 1}
-            and m.json()["workers"]["live"]["state"] == "running"
-        ),
-    )
+    running_again_after_a_reload(mqtt, supervisors, "live")
     mqtt.publish(topic, "which?")
     assert mqtt.wait_for(out)[0].text == "2"
     assert len(started_pids(mqtt, other["out"])) == 1
@@ -486,13 +484,7 @@ def test_a_restart_for_a_reload_is_not_a_crash(supervisors: SupervisorFactory, m
     process = start(supervisors, mqtt, {"echo": worker})
     rewrite(supervisors, process, {"echo": {**worker, "topics": [f"{prefix}/other/#"]}})
     assert control(mqtt, supervisors, "reload", {})["changed"] == ["echo"]
-    status = mqtt.wait_for(
-        f"{supervisors.base}/status",
-        lambda m: (
-            m.json()["workers"]["echo"]["state"] == "running"
-            and m.json()["workers"]["echo"]["restart_reasons"] == {"reload": 1}
-        ),
-    )[0].json()["workers"]["echo"]
+    status = running_again_after_a_reload(mqtt, supervisors, "echo")
     assert status["last_exit"] == "exit code 0 (reload)"
     assert status["last_crash"] is None
     assert mqtt.received(f"{supervisors.base}/worker/echo/last_crash") == []
@@ -537,13 +529,7 @@ def test_a_module_changed_at_a_reload_runs_new_code_under_either_start_method(
     mqtt.wait_for(out)
     write(module, LIVE.format(version="2"))
     assert control(mqtt, supervisors, "reload", {})["changed"] == ["live"]
-    mqtt.wait_for(
-        f"{supervisors.base}/status",
-        lambda m: (
-            m.json()["workers"]["live"]["restart_reasons"] == {"reload": 1}
-            and m.json()["workers"]["live"]["state"] == "running"
-        ),
-    )
+    running_again_after_a_reload(mqtt, supervisors, "live")
     mqtt.publish(topic, "which?")
     wait_until(lambda: [m.text for m in mqtt.received(out)] == ["1", "2"], 10, "the new version to answer")
 
