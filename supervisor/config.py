@@ -148,6 +148,10 @@ class WorkerSupervision(_Table, frozen=True, kw_only=True, forbid_unknown_fields
     memory_limit_mb: Annotated[int, msgspec.Meta(ge=16, le=1_048_576)] | None = None
     cpu_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] | None = None
     max_open_files: Annotated[int, msgspec.Meta(ge=16, le=1_048_576)] | None = None
+    # Share this worker's input with the same worker on other supervisors (other hosts): its subscriptions are made
+    # as MQTT 5 shared subscriptions `$share/<group>/<filter>`, so the broker gives each message to one of them.
+    # A group name, or true for the section's name. Needs [mqtt] protocol = 5.
+    share_group: str | bool = False
 
 
 SUPERVISION_KEYS = frozenset(WorkerSupervision.__struct_fields__)
@@ -172,6 +176,14 @@ class WorkerSettings:
         news")."""
         own = self.worker_class.title if self.name == self.worker_class.name else None
         return own or title(self.name)
+
+    @property
+    def share_group(self) -> str | None:
+        """The shared-subscription group its subscriptions are made in (`share_group`), or None."""
+        group = self.supervision.share_group
+        if group is True:
+            return self.name
+        return group or None
 
     @property
     def memory_limit_mb(self) -> int | None:
@@ -252,6 +264,13 @@ def load(
         dataclasses.replace(w, environment={n: Secret(environ[n]) for n in w.secret_names if n in environ})
         for w in workers
     )
+    shared = [w.name for w in workers if w.supervision.enabled and w.share_group]
+    if shared and mqtt.protocol != 5:
+        raise ConfigError(
+            source,
+            f"[workers.{shared[0]}] share_group",
+            "shared subscriptions need MQTT 5; set [mqtt] protocol = 5 (Mosquitto 2.0 and later support them)",
+        )
     state_dir = file.supervisor.state_dir or environ.get("STATE_DIRECTORY", "").split(":")[0] or "state"
     secret_variables = frozenset(
         {"MQTT_PASSWORD", *([file.mqtt.password_env] if file.mqtt.password_env else [])}
@@ -476,6 +495,11 @@ def _worker_settings(
             f"[{table}] backoff_max_seconds",
             f"expected >= backoff_min_seconds ({supervision.backoff_min_seconds:g}), "
             f"got {supervision.backoff_max_seconds:g}",
+        )
+    group = supervision.share_group
+    if isinstance(group, str) and (not group or any(c in group for c in "/+#") or group.startswith("$")):
+        raise ConfigError(
+            source, f"[{table}] share_group", f"expected a name without /, +, # or a leading $, or true; got {group!r}"
         )
     config = _convert(own_keys, worker_class.Config, source, table, also_known=SUPERVISION_KEYS)
     return WorkerSettings(name=name, worker_class=worker_class, supervision=supervision, config=config)

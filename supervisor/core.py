@@ -109,6 +109,7 @@ class Supervisor:
         self.resident_bytes = 0  # the supervisor's own, as last checked
         self.exit_code = 0
         self.site = site_of(settings)
+        self.host = self.site.host
         self.link = MqttLink(settings.mqtt, settings.password, self.loop, self)
         router, ids = Router(), itertools.count(1)
         self.deliveries = Deliveries(self.link.ack, self._forget_publication)

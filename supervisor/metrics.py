@@ -41,6 +41,7 @@ class Observed(Protocol):
     """What the collector reads: the supervisor's state."""
 
     version: str
+    host: str
     loop_errors: int
     resident_bytes: int
 
@@ -110,8 +111,10 @@ class SupervisorCollector(Collector):
         loop = CounterMetricFamily(PREFIX + "loop_errors", "Unexpected errors in the supervisor's loop, survived.")
         loop.add_metric([], self.observed.loop_errors)
         yield loop
-        info = GaugeMetricFamily(PREFIX + "build_info", "The running version.", labels=["version"])
-        info.add_metric([self.observed.version], 1)
+        info = GaugeMetricFamily(
+            PREFIX + "build_info", "The running version, and the host it runs on.", labels=["version", "host"]
+        )
+        info.add_metric([self.observed.version, self.observed.host], 1)
         yield info
 
     def _workers(self) -> Iterator[Metric]:

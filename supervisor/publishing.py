@@ -111,6 +111,8 @@ class Publisher:
             text, encoded = None, base64.b64encode(message.payload).decode()
         record = {
             "worker": worker,
+            "host": self.site.host,  # several supervisors may run this worker (`share_group`)
+            "supervisor": self.site.node_id,
             "topic": message.topic,
             "payload": text,
             "payload_base64": encoded,
@@ -188,9 +190,11 @@ class Publisher:
 
     def _local_receivers(self, source: str, publication: Publish) -> list[str]:
         """Workers (other than the publisher) that get `publication` straight from the supervisor."""
-        if not (publication.local_only or self._local_first):
+        if publication.local_only:
+            return [name for name in self.router.workers(publication.topic) if name != source]
+        if not self._local_first:
             return []
-        return [name for name in self.router.workers(publication.topic) if name != source]
+        return [name for name in self.router.locally(publication.topic) if name != source]
 
     def _send(self, publication: Publish, publication_id: str) -> int | None:
         expiry = publication.expiry

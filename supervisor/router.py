@@ -35,6 +35,7 @@ class Router:
         self._commands: set[tuple[str, int]] = set()  # (worker, filter's subscription id) whose messages are commands
         self._local: set[tuple[str, int]] = set()  # (worker, filter's subscription id) that takes local messages only
         self._broker: set[str] = set()  # the filters some worker takes from the broker
+        self._shared: set[int] = set()  # the subscription ids of shared subscriptions ($share/<group>/<filter>)
 
     def add(
         self, worker: str, topic_filters: Iterable[str], qos: int = 0, commands: bool = False, local: bool = False
@@ -49,7 +50,7 @@ class Router:
         """Route nothing to `worker` any more. The other filters keep their subscription ids."""
         kept = [added for added in self._added if added[0] != worker]
         self._added, self._routes, self._filters = kept, [], {}
-        self._commands, self._local, self._broker = set(), set(), set()
+        self._commands, self._local, self._broker, self._shared = set(), set(), set(), set()
         for added in kept:
             self._route(*added)
         self._cache.clear()
@@ -59,6 +60,8 @@ class Router:
         known_qos = self._filters.get(topic_filter, (sub_id, 0))[1]
         self._filters[topic_filter] = (sub_id, max(qos, known_qos))
         self._routes.append((_levels(topic_filter), worker, sub_id))
+        if topic_filter.startswith("$share/"):
+            self._shared.add(sub_id)
         if commands:
             self._commands.add((worker, sub_id))
         if local:
@@ -83,6 +86,12 @@ class Router:
     def is_command(self, worker: str, sub_id: int) -> bool:
         """True when `worker` takes the topic through a filter it marked as carrying commands."""
         return (worker, sub_id) in self._commands
+
+    def locally(self, topic: str) -> list[str]:
+        """The workers a publication on `topic` made by a local worker goes to straight from the supervisor: all
+        subscribed but those through a shared subscription (`$share/...`), whose copy the broker gives to one
+        member of the group (maybe on another supervisor)."""
+        return [worker for worker, sub_id in self.route(topic) if sub_id not in self._shared]
 
     def is_local(self, worker: str, sub_id: int) -> bool:
         """True when `worker` takes the topic through a filter for local messages only (never from the broker)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import msgspec
+
 from contracts import Message, Site, Subscription
 from supervisor import control
 from supervisor.config import Settings, WorkerSettings
@@ -48,6 +50,14 @@ def worker_subscriptions(settings: WorkerSettings, site: Site) -> list[Subscript
                 "subscriptions()",
                 f"expected qos 0, 1 or 2, got {subscription.qos}",
             )
+    group = settings.share_group
+    if group is not None:  # this worker's input is shared with the same worker on other supervisors
+        subscriptions = [
+            s
+            if s.commands or s.local or s.topic_filter.startswith("$share/")
+            else msgspec.structs.replace(s, topic_filter=f"$share/{group}/{s.topic_filter}")
+            for s in subscriptions
+        ]
     return [*subscriptions, Subscription(site.command_topic(settings.name, "+"), qos=1, commands=True)]
 
 

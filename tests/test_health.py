@@ -38,7 +38,7 @@ SPEC_METRICS = {
     "supervisor_mqtt_messages_published_total": set(),
     "supervisor_mqtt_publish_errors_total": set(),
     "supervisor_outbox_messages": set(),
-    "supervisor_build_info": {"version"},
+    "supervisor_build_info": {"version", "host"},
 }
 
 
@@ -103,7 +103,7 @@ def test_every_spec_metric_is_served_with_live_values(
     assert value(text, "supervisor_mqtt_connected") == 1
     assert value(text, "supervisor_message_handling_seconds_count", worker="echo") >= 2
     assert value(text, "supervisor_worker_resident_memory_bytes", worker="echo") > 1_000_000
-    assert value(text, "supervisor_build_info", version="0.1.0") == 1
+    assert value(text, "supervisor_build_info", version="0.1.0", host=socket.gethostname()) == 1
     assert not any(name.endswith("_created") for name, _ in samples(text))
 
 
