@@ -40,6 +40,7 @@ class _Table(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
 
 class SupervisorConfig(_Table, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # `{host}` in it stands for this host's name (one config file for several hosts: see share_group).
     base_topic: str = "supervisor"
     # Empty: $STATE_DIRECTORY (set by systemd's StateDirectory=) or ./state. Relative paths are from the cwd.
     state_dir: str = ""
@@ -249,6 +250,9 @@ def load(
         raw = {table: raw[table] for table in ("supervisor", "mqtt") if table in raw}
     _check_finite(raw, source, "")
     file = _convert(raw, ConfigFile, source, "")
+    if "{host}" in file.supervisor.base_topic:  # one config file for several hosts, each its own topics
+        base_topic = file.supervisor.base_topic.replace("{host}", host_slug())
+        file = msgspec.structs.replace(file, supervisor=msgspec.structs.replace(file.supervisor, base_topic=base_topic))
     mqtt = _resolve_mqtt(file.mqtt, file.supervisor.base_topic, environ, source)
     _check_values(file, mqtt, source)
     broken: dict[str, str] = {}
@@ -270,6 +274,14 @@ def load(
             source,
             f"[workers.{shared[0]}] share_group",
             "shared subscriptions need MQTT 5; set [mqtt] protocol = 5 (Mosquitto 2.0 and later support them)",
+        )
+    if shared and file.supervisor.base_topic == SupervisorConfig().base_topic:
+        raise ConfigError(
+            source,
+            "[supervisor] base_topic",
+            f"with share_group ([workers.{shared[0]}]) several hosts run this worker, and each needs topics of its "
+            'own (status, availability, requests): set base_topic = "supervisor/{host}" (the host name) or another '
+            "name per host",
         )
     state_dir = file.supervisor.state_dir or environ.get("STATE_DIRECTORY", "").split(":")[0] or "state"
     secret_variables = frozenset(
@@ -402,6 +414,11 @@ def _check_values(file: ConfigFile, mqtt: MqttConfig, source: str) -> None:
                 "expected a worker name of ASCII letters, digits, '_' and '-' (it is used in topics and Home "
                 "Assistant ids)",
             )
+
+
+def host_slug() -> str:
+    """This host's name as a topic level: lower case, letters, digits, `_` and `-`."""
+    return re.sub(r"[^a-z0-9_-]", "_", socket.gethostname().lower())
 
 
 def _resolve_mqtt(mqtt: MqttConfig, base_topic: str, environ: dict[str, str], source: str) -> MqttConfig:

@@ -145,8 +145,14 @@ def test_share_group_needs_mqtt_5_and_a_plain_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[workers\.echo\] share_group: expected a name without /"):
         config.load(path, {})
     path.write_text('[supervisor]\nworker_packages = ["testworkers"]\n' + section)
-    (worker,) = config.load(path, {}).workers
+    with pytest.raises(ConfigError, match=r"\[supervisor\] base_topic: with share_group \(\[workers\.echo\]\) several"):
+        config.load(path, {})  # every host would publish its status on supervisor/status
+    path.write_text('[supervisor]\nworker_packages = ["testworkers"]\nbase_topic = "home/{host}"\n' + section)
+    settings = config.load(path, {})
+    (worker,) = settings.workers
     assert worker.share_group == "echo"
+    assert settings.supervisor.base_topic == f"home/{config.host_slug()}"
+    assert settings.mqtt.availability_topic == f"home/{config.host_slug()}/availability"
 
 
 def test_a_publication_of_a_local_worker_on_a_shared_topic_is_handled_once_in_the_group(
