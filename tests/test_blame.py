@@ -14,6 +14,7 @@ from typing import Any
 
 from conftest import SupervisorFactory
 from support import MqttProbe, wait_until
+from test_reload import control
 from test_supervisor import echo, echoes, start, started_pids, wait_echo
 
 
@@ -70,7 +71,13 @@ def test_a_worker_killed_with_no_handler_running_blames_no_message(
     out = f"{prefix}/out/echo"
     start(supervisors, mqtt, {"echo": echo(prefix, qos=1, dead_letter_after_crashes=1)})
     mqtt.publish(f"{prefix}/in/x", "block")
+    mqtt.wait_for(f"{out}/blocked")  # `block` was handled (and reported so): the timer is asleep
     mqtt.publish(f"{prefix}/in/x", "waiting")
+
+    def sent_to_the_worker() -> bool:
+        return control(mqtt, supervisors, "status", {})["status"]["workers"]["echo"]["inflight"] == 1  # type: ignore[no-any-return]
+
+    wait_until(sent_to_the_worker, 10, "`waiting` to be sent to the worker")
     os.kill(started_pids(mqtt, out)[0], signal.SIGKILL)
     reply = wait_echo(mqtt, out, "waiting")
     assert (reply["attempt"], reply["crashes"]) == (2, 0)  # delivered again, with no crash to its name

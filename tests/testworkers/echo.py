@@ -9,8 +9,8 @@ on `<out>/echo`, unless the payload is a command:
   it cannot decode);
 - `hang` sleeps for an hour; `sleep:<seconds>` sleeps, then replies;
 - `hog` allocates memory without end in the handler; `grow:<MiB>` adds that much every half second from a timer;
-- `timer_raise` schedules a timer that raises; `block` schedules a timer that sleeps for an hour (so heartbeats stop
-  while no message is in hand);
+- `timer_raise` schedules a timer that raises; `block` publishes `<out>/blocked` and schedules a timer that sleeps
+  for an hour (so heartbeats stop while no message is in hand);
 - `thread:<seconds>` sleeps on a background thread (`ctx.run_in_thread`), then publishes `slept <seconds>` on
   `<out>/thread`; `thread_raise` raises there instead (the worker then reports it as a `handler` error);
 - `subscribe:<filter>` subscribes to one more filter (`ctx.subscribe`) and replies;
@@ -111,6 +111,7 @@ class Echo(Worker[EchoConfig]):
             ctx.call_later(0, _divide_by_zero)
             return
         if text == "block":
+            ctx.publish(f"{self.config.out}/blocked", str(os.getpid()), qos=1)  # sent before the timer runs
             ctx.call_later(0, lambda: time.sleep(3600))
             return
         if text.startswith("sleep:"):
