@@ -61,18 +61,25 @@ class StatusReporter:
         self._timer: TimerHandle | None = None
         self._parked = False  # the next check waits for I/O or the interval (see `_tick`)
         self._io_seen = 0  # the loop's I/O wake-ups at the last check
+        self._last_check = 0.0  # when it was, on the loop's clock
         self.last_reload: ReloadStatus | None = None
 
     def start(self) -> None:
         self._timer = self.loop.call_later(_CHECK_SECONDS, self._tick)
 
     def touch(self) -> None:
-        """At the end of every wake-up: one that had I/O may have changed the status, so while the check is parked
-        (see `_tick`) it runs again within the second."""
-        if self._parked and self.loop.io_wakeups != self._io_seen and self._timer is not None:
-            self._parked = False
-            self._timer.cancel()
-            self._timer = self.loop.call_later(_CHECK_SECONDS, self._tick)
+        """At the end of every wake-up. While the check is parked (see `_tick`), a wake-up that had I/O may have
+        changed the status, so the check runs again: in this very wake-up when the last one is a second old (an
+        idle worker's heartbeat then costs the supervisor no wake-up of its own), else a second after the last."""
+        if not self._parked or self.loop.io_wakeups == self._io_seen or self._timer is None:
+            return
+        self._parked = False
+        self._timer.cancel()
+        due = self._last_check + _CHECK_SECONDS
+        if due <= self.loop.clock():
+            self._tick()
+        else:
+            self._timer = self.loop.call_at(due, self._tick)
 
     def availability_topic(self, worker: str) -> str:
         return self.site.worker_availability_topic(worker)
@@ -165,26 +172,29 @@ class StatusReporter:
         self._publish_status(force=False)
 
     def _tick(self) -> None:
-        """Publish the status if it changed; every second while things happen. After a second with no I/O at all
-        nothing can have changed, so the check parks until the next I/O (`touch`) or the interval's publication:
-        an idle supervisor does not wake every second for it."""
-        active = self.loop.io_wakeups != self._io_seen
+        """Publish the status if it changed, and check again a second later while it does. A check that finds it
+        unchanged parks the next one until I/O comes (`touch`) or the interval's publication is due: nothing but
+        I/O changes the status between two checks (a timer that does, such as a reload, publishes it itself)."""
+        now = self.loop.clock()
         self._io_seen = self.loop.io_wakeups
-        self._publish_status(force=False)
-        self._parked = not active
-        delay = _CHECK_SECONDS if active else max(self._last_sent + self.interval - time.monotonic(), _CHECK_SECONDS)
+        self._last_check = now
+        changed = self._publish_status(force=False)
+        self._parked = not changed
+        delay = _CHECK_SECONDS if changed else max(self._last_sent + self.interval - now, _CHECK_SECONDS)
         self._timer = self.loop.call_later(delay, self._tick)
 
-    def _publish_status(self, force: bool) -> None:
+    def _publish_status(self, force: bool) -> bool:
+        """Publish the status if it changed (or `force`, or the interval is due); whether it changed."""
         if not self.link.connected or self._stopped:
-            return
+            return False
         status = self.snapshot()
-        now = time.monotonic()
+        now = self.loop.clock()
         changed = self._last is None or _stable(status) != _stable(self._last)
         if not (force or changed or now - self._last_sent >= self.interval):
-            return
+            return False
         self._last, self._last_sent = status, now
         self.link.publish(self.site.status_topic, self._encoder.encode(status), qos=1, retain=True)
+        return changed
 
 
 def _stable(status: Status) -> Status:
