@@ -58,6 +58,9 @@ log = logging.getLogger("supervisor")
 _MEMORY_CHECK_SECONDS = 10.0
 _MAX_WAIT_SECONDS = 60.0  # every periodic task has its own timer: the loop need not wake to look
 _WATCH_SECONDS = 1.0  # how often watch mode ([supervisor] reload_on_change) looks at the files
+# The periodic tasks run this long after the multiples of their periods, or in the wake-up that reads the heartbeats
+# idle workers send on those multiples (`Loop`): one wake-up for both.
+_PERIODIC_PHASE_SECONDS = 0.05
 
 
 def _own_resident_bytes() -> int:
@@ -104,7 +107,7 @@ class Supervisor:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.version = __version__
-        self.loop = Loop(clock, on_error=self._loop_failed)
+        self.loop = Loop(clock, on_error=self._loop_failed, phase=_PERIODIC_PHASE_SECONDS)
         self.loop_errors = 0  # callbacks of the loop that raised and were survived
         self.resident_bytes = 0  # the supervisor's own, as last checked
         self.exit_code = 0

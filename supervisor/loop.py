@@ -26,12 +26,14 @@ class FileLike(Protocol):
 
 
 class TimerHandle:
-    """A scheduled call; `cancel` keeps it from running."""
+    """A scheduled call; `cancel` keeps it from running. It runs at `when`, or from `earliest` on in a wake-up that
+    comes anyway."""
 
-    __slots__ = ("callback", "cancelled", "when")
+    __slots__ = ("callback", "cancelled", "earliest", "when")
 
-    def __init__(self, when: float, callback: Callback) -> None:
+    def __init__(self, when: float, callback: Callback, earliest: float | None = None) -> None:
         self.when = when
+        self.earliest = when if earliest is None else earliest
         self.callback = callback
         self.cancelled = False
 
@@ -40,13 +42,20 @@ class TimerHandle:
 
 
 class Loop:
-    """Selector loop with timers. `clock` is monotonic seconds and may be replaced in tests."""
+    """Selector loop with timers. `clock` is monotonic seconds and may be replaced in tests. `phase`: aligned timers
+    (`call_later(aligned=True)`) run this long after their multiple of the clock, or from the multiple on in a
+    wake-up that comes anyway; the supervisor's periodic tasks so run in the wake-up that reads the heartbeats its
+    idle workers send on the multiples, instead of in one of their own just before it."""
 
     def __init__(
-        self, clock: Callable[[], float] = time.monotonic, on_error: Callable[[Exception], None] | None = None
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        on_error: Callable[[Exception], None] | None = None,
+        phase: float = 0.0,
     ) -> None:
         self.clock = clock
         self.on_error = on_error
+        self.phase = phase
         self._selector = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, TimerHandle]] = []
         self._sequence = itertools.count()
@@ -68,15 +77,17 @@ class Loop:
 
     def call_later(self, delay: float, callback: Callback, aligned: bool = False) -> TimerHandle:
         """Call `callback` after `delay` seconds; `aligned` (a periodic task's next run): at the next multiple of
-        `delay` on the clock instead, so that periodic tasks whose periods divide each other's run in one wake-up
-        (an idle process wakes less often)."""
-        when = self.clock() + max(delay, 0.0)
+        `delay` on the clock instead (plus the loop's `phase`), so that periodic tasks whose periods divide each
+        other's run in one wake-up (an idle process wakes less often)."""
+        now = self.clock()
         if aligned and delay > 0:
-            when = math.ceil(when / delay) * delay
-        return self.call_at(when, callback)
+            multiple = (math.floor(now / delay) + 1) * delay  # the next one strictly after now, even when run early
+            return self.call_at(multiple + self.phase, callback, earliest=multiple)
+        return self.call_at(now + max(delay, 0.0), callback)
 
-    def call_at(self, when: float, callback: Callback) -> TimerHandle:
-        handle = TimerHandle(when, callback)
+    def call_at(self, when: float, callback: Callback, earliest: float | None = None) -> TimerHandle:
+        """Call `callback` at `when`; given `earliest`, from then on in a wake-up that comes anyway."""
+        handle = TimerHandle(when, callback, earliest)
         heapq.heappush(self._timers, (when, next(self._sequence), handle))
         return handle
 
@@ -119,8 +130,12 @@ class Loop:
 
     def _run_due_timers(self) -> None:
         now = self.clock()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, handle = heapq.heappop(self._timers)
+        set_before = next(self._sequence)  # a timer set by one of these callbacks runs early from the next wake-up on
+        while self._timers:
+            when, sequence, handle = self._timers[0]
+            if when > now and (handle.earliest > now or sequence > set_before):
+                break
+            heapq.heappop(self._timers)
             if not handle.cancelled:
                 try:
                     handle.callback()

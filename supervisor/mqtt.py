@@ -38,9 +38,10 @@ from supervisor.secrets import Secret
 
 log = logging.getLogger(__name__)
 
-# paho's loop_misc (keepalive pings, a missing ping response): every 5 s, or four times per keepalive when that is
-# shorter; an idle link wakes no more often (in step with the supervisor's other 5 s tasks: `Loop.call_later`).
-_MISC_SECONDS = 5.0
+# paho's loop_misc (keepalive pings, a missing ping response): at least four times per keepalive, every 10 s at most,
+# on a period that divides 10 s: an idle link wakes no more often, in step with the supervisor's other periodic tasks
+# (`Loop.call_later`).
+_MISC_PERIODS = (10.0, 5.0, 2.5, 2.0, 1.0, 0.5)
 _MAX_READS_PER_WAKEUP = 10_000
 _REPEAT_LOG_SECONDS = 60.0
 _STABLE_CONNECTION_SECONDS = 10.0
@@ -127,7 +128,8 @@ class MqttLink:
         self._client = self._build_client(password)
         self._subscriptions = _Subscriptions(self._client, self._v5)
         self._connector = _Connector(config, loop, self._client, lambda: self.connected)
-        self._misc_interval = min(_MISC_SECONDS, config.keepalive_seconds / 4)
+        quarter = config.keepalive_seconds / 4
+        self._misc_interval = next((period for period in _MISC_PERIODS if period <= quarter), quarter)
 
     # Public API ---------------------------------------------------------------------------------------------------
 

@@ -138,9 +138,9 @@ class WorkerProcess:
             config=msgspec.msgpack.encode(settings.config),
             state_dir=state_dir,
             log_level=log_level,
-            # Six heartbeats per timeout (every 5 s by default): an idle worker wakes, and wakes the supervisor, no
+            # Three heartbeats per timeout (every 10 s by default): an idle worker wakes, and wakes the supervisor, no
             # more often.
-            heartbeat_seconds=settings.supervision.heartbeat_timeout_seconds / 6,
+            heartbeat_seconds=settings.supervision.heartbeat_timeout_seconds / 3,
             site=site,
             release_fds=[*inherited, ours.fileno()] if forked else [],
             environment={name: secret.reveal() for name, secret in settings.environment.items()},

@@ -46,6 +46,7 @@ from supervisor.worker_context import WorkerContext
 # What a handler raises when a payload is not what it expects: counted as `decode` errors, not handler failures.
 _UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, json.JSONDecodeError, UnicodeDecodeError)
 _FLUSH_AFTER_SECONDS = 0.002
+_MAX_WAIT_SECONDS = 60.0
 
 
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -149,7 +150,7 @@ class WorkerLoop:
         self.loop.after_wakeup(self._flush)
         self.loop.call_later(self.spec.heartbeat_seconds, self._heartbeat, aligned=True)
         while self._exit_code is None:
-            self.loop.run_once(max_wait=self.spec.heartbeat_seconds)
+            self.loop.run_once(max_wait=_MAX_WAIT_SECONDS)  # the heartbeat's timer is always there
         return self._exit_code
 
     def _readable(self) -> None:

@@ -254,7 +254,7 @@ def test_a_worker_whose_resident_memory_passes_its_limit_is_killed_and_reported(
 ) -> None:
     process = start(supervisors, mqtt, {"echo": echo(prefix, memory_limit_mb=64)})
     # 4 MiB a second: the resident memory passes 64 MiB seconds before the data limit (64 MiB more than at start)
-    # would stop an allocation, and the supervisor looks every 2.5 s.
+    # would stop an allocation, and the supervisor looks every second once it is past half of it.
     mqtt.publish(f"{prefix}/in/x", "grow:2")
     process.wait_log("over memory_limit_mb = 64; killing it", timeout=40)
     status = mqtt.wait_for(
