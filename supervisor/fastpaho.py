@@ -20,11 +20,12 @@ import inspect
 import logging
 import socket
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt import __version__ as paho_version
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -36,8 +37,9 @@ _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 log = logging.getLogger(__name__)
 
-# paho's private methods this module overrides (the first six) or calls (`_do_on_publish`), with their parameters.
+# paho's private methods this module overrides (the first seven) or calls (the last three), with their parameters.
 PAHO_METHODS: dict[str, tuple[str, ...]] = {
+    "_packet_read": ("self",),
     "_sock_recv": ("self", "bufsize"),
     "_sock_send": ("self", "buf"),
     "_packet_write": ("self",),
@@ -45,9 +47,21 @@ PAHO_METHODS: dict[str, tuple[str, ...]] = {
     "_handle_publish": ("self",),
     "_handle_pubackcomp": ("self", "cmd"),
     "_do_on_publish": ("self", "mid", "reason_code", "properties"),
+    "_packet_handle": ("self",),
+    "_easy_log": ("self", "level", "fmt", "args"),
 }
-# The private attributes of a paho client it reads (`_on_publish`: swaps out while writing).
-PAHO_ATTRIBUTES = ("_in_packet", "_protocol", "_on_publish", "_out_message_mutex", "_out_messages")
+CALLED = ("_do_on_publish", "_packet_handle", "_easy_log")
+# The private attributes of a paho client it reads or sets (`_on_publish`: swaps out while writing;
+# `_last_bytes_received`, under `_msgtime_mutex`: when a packet last came in, for the keepalive).
+PAHO_ATTRIBUTES = (
+    "_in_packet",
+    "_protocol",
+    "_on_publish",
+    "_out_message_mutex",
+    "_out_messages",
+    "_msgtime_mutex",
+    "_last_bytes_received",
+)
 
 
 def new_client(client_id: str, v5: bool) -> BufferedClient:
@@ -159,6 +173,47 @@ class BufferedClient(paho.Client):
     def want_write(self) -> bool:
         return super().want_write() or bool(self._pending)
 
+    def _packet_read(self) -> MQTTErrorCode:
+        # paho frames each packet through three or more `_sock_recv` calls (the command byte, each byte of the
+        # length, then the body) and a dict rebuilt per packet. A packet whose whole frame is in the buffer (nearly
+        # every one: the buffer is refilled 64 KiB at a time) is framed here in one step; a frame split across reads,
+        # a length of more than two bytes (16 KiB and more), or a packet paho is part way through go to paho.
+        if self._in_packet["command"] != 0:
+            return super()._packet_read()
+        if self._position >= len(self._buffer):
+            try:
+                data = super()._sock_recv(_READ_CHUNK)
+            except BlockingIOError:
+                return paho.MQTT_ERR_AGAIN
+            except OSError as err:  # TimeoutError included, as in paho
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return paho.MQTT_ERR_CONN_LOST
+            if not data:
+                return paho.MQTT_ERR_CONN_LOST
+            self._buffer, self._position = data, 0
+        buffer, start = self._buffer, self._position
+        if len(buffer) - start < 2:
+            return super()._packet_read()
+        length, header = buffer[start + 1], 2
+        if length & 0x80:
+            if len(buffer) - start < 3 or buffer[start + 2] & 0x80:
+                return super()._packet_read()
+            length, header = (length & 0x7F) | (buffer[start + 2] << 7), 3
+        end = start + header + length
+        if end > len(buffer):
+            return super()._packet_read()
+        self._position = end
+        self._in_packet = _in_packet(buffer[start], length, bytearray(buffer[start + header : end]))
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = paho.MQTT_ERR_PROTOCOL
+        self._in_packet = _in_packet(0, 0, bytearray())
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        return rc
+
     def _handle_publish(self) -> MQTTErrorCode:
         # paho builds an MQTTMessage and a Properties object for every PUBLISH and takes two locks to hand it on:
         # 35 us per message here, the largest share of the supervisor's time per routed message. The common case,
@@ -248,3 +303,17 @@ class PackedProperties(Properties):
         return f"PackedProperties({self._packed!r})"
 
     __str__ = __repr__
+
+
+def _in_packet(command: int, length: int, packet: bytearray) -> Any:  # paho's private _InPacket
+    """paho's record of the packet being read: a whole one (`command` not 0), or none yet."""
+    return {
+        "command": command,
+        "have_remaining": 1 if command else 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": length,
+        "packet": packet,
+        "to_process": 0,
+        "pos": 0,
+    }

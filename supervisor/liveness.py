@@ -3,8 +3,9 @@
 A process stuck on one message past its `message_deadline_seconds`, or silent past its `heartbeat_timeout_seconds`
 while idle (`WorkerSlot.overdue`), is looked at when the first such deadline of any worker can have passed, not on
 a fixed tick: an idle supervisor wakes for this about once per heartbeat timeout. Every 10 s (every second while
-one uses more than half of its limit), one whose resident memory passed its `memory_limit_mb` (inside a worker, RLIMIT_DATA stops a fast allocation between two checks: see
-`supervisor.worker_process`). What a kill leads to is the worker pool's: it restarts the worker by its policy.
+one uses more than half of its limit), one whose resident memory passed its `memory_limit_mb` (inside a worker,
+RLIMIT_DATA stops a fast allocation between two checks: see `supervisor.worker_process`). What a kill leads to is
+the worker pool's: it restarts the worker by its policy.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import ast
 import inspect
+import itertools
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -20,7 +23,7 @@ from test_health import samples, scrape
 from test_supervisor import echo, start, wait_echo
 
 from supervisor import fastpaho
-from supervisor.fastpaho import PAHO_ATTRIBUTES, PAHO_METHODS, BufferedClient, new_client
+from supervisor.fastpaho import CALLED, PAHO_ATTRIBUTES, PAHO_METHODS, BufferedClient, new_client
 
 ROOT = Path(__file__).resolve().parent.parent
 OVERRIDDEN = sorted(name for name in PAHO_METHODS if name in vars(BufferedClient))
@@ -41,9 +44,9 @@ def test_each_override_takes_the_parameters_of_the_paho_method_it_replaces(name:
     assert ours == tuple(inspect.signature(getattr(paho.Client, name)).parameters)
 
 
-def test_the_client_overrides_six_paho_methods_and_calls_one() -> None:
-    assert sorted(set(PAHO_METHODS) - {"_do_on_publish"}) == OVERRIDDEN
-    assert len(OVERRIDDEN) == 6
+def test_the_client_overrides_seven_paho_methods_and_calls_three() -> None:
+    assert sorted(set(PAHO_METHODS) - set(CALLED)) == OVERRIDDEN
+    assert len(OVERRIDDEN) == 7
 
 
 @pytest.mark.parametrize("v5", [True, False], ids=["mqtt5", "mqtt311"])
@@ -98,7 +101,7 @@ def test_every_paho_private_fastpaho_uses_is_in_its_lists() -> None:
     used = private_names(ROOT / "supervisor" / "fastpaho.py")
     assert used["other"] == set()
     assert used["super()"] == set(OVERRIDDEN)
-    assert used["self"] - OWN_PRIVATES == set(PAHO_ATTRIBUTES) | {"_do_on_publish"}
+    assert used["self"] - OWN_PRIVATES == set(PAHO_ATTRIBUTES) | set(CALLED)
 
 
 def test_the_mqtt_link_reads_no_private_name_of_paho() -> None:
@@ -140,3 +143,71 @@ def test_plain_messages_through_a_real_broker_take_the_fast_paths_both_ways(
     after = wait_until(confirmed, 10, f"{count} more PUBACKs on the fast path than {before['puback']:g}")
     assert after["received"] - before["received"] == count
     assert after["publish"] - before["publish"] == count  # every one of them
+
+
+# Framing: packets read from a real socket, whole or in pieces ---------------------------------------------------------
+
+
+def publish_packet(topic: str, payload: bytes) -> bytes:
+    """A plain MQTT 5 PUBLISH at QoS 0: no properties."""
+    body = len(topic).to_bytes(2, "big") + topic.encode() + b"\x00" + payload
+    length, encoded = len(body), bytearray()
+    while True:
+        byte, length = length % 128, length // 128
+        encoded.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes([0x30]) + bytes(encoded) + body
+
+
+@pytest.fixture
+def reading() -> Iterator[tuple[BufferedClient, socket.socket, list[tuple[str, bytes]]]]:
+    """A link's client reading what the test writes into the other end of a socket pair."""
+    client = new_client("framing", v5=True)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    got: list[tuple[str, bytes]] = []
+    client.on_plain_publish = lambda topic, payload, qos, retain, mid: got.append((topic, payload))
+    client._sock = ours  # what paho's connect sets
+    yield client, theirs, got
+    ours.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("size", [0, 100, 200, 16_000, 20_000, 100_000])
+def test_packets_of_every_length_arrive_whole_in_one_read_or_split_at_any_byte(
+    reading: tuple[BufferedClient, socket.socket, list[tuple[str, bytes]]], size: int
+) -> None:
+    # One- to three-byte lengths; a frame larger than the 64 KiB read; a second packet behind each one.
+    client, theirs, got = reading
+    first, second = publish_packet("t/first", b"a" * size), publish_packet("t/second", b"b")
+    stream = first + second
+    cuts = [1, 2, 3, len(first) // 2, len(first) - 1, len(first), len(first) + 1]
+    pieces = [stream[a:b] for a, b in itertools.pairwise([0, *cuts, len(stream)])]
+    for piece in pieces:
+        theirs.sendall(piece)
+        while client._packet_read() == paho.MQTT_ERR_SUCCESS:  # until what came is read: MQTT_ERR_AGAIN
+            pass
+    assert got == [("t/first", b"a" * size), ("t/second", b"b")]
+    assert client._in_packet["command"] == 0  # nothing half read
+
+
+def test_a_closed_connection_is_a_lost_connection(
+    reading: tuple[BufferedClient, socket.socket, list[tuple[str, bytes]]],
+) -> None:
+    client, theirs, got = reading
+    theirs.sendall(publish_packet("t/last", b"x"))
+    theirs.close()
+    assert client._packet_read() == paho.MQTT_ERR_SUCCESS
+    assert got == [("t/last", b"x")]
+    assert client._packet_read() == paho.MQTT_ERR_CONN_LOST
+
+
+def test_a_ping_response_is_read_on_the_fast_path(
+    reading: tuple[BufferedClient, socket.socket, list[tuple[str, bytes]]],
+) -> None:
+    client, theirs, _ = reading
+    client._ping_t = 1.0  # a PINGREQ is out
+    theirs.sendall(b"\xd0\x00")  # PINGRESP
+    assert client._packet_read() == paho.MQTT_ERR_SUCCESS
+    assert client._ping_t == 0
