@@ -20,10 +20,18 @@ class Clock:
         return self.now
 
 
+Awake = tuple[Loop, Clock, socket.socket, list[object]]
+
+
 @pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+def awake() -> Iterator[Awake]:
+    """A loop (phase 50 ms) that notes what it reads from a socket, the clock at 101 s, and the socket to write to."""
     a, b = socket.socketpair()
-    yield a, b
+    clock = Clock(101.0)
+    loop = Loop(clock=clock, phase=0.05)
+    ran: list[object] = []
+    loop.add_reader(b, lambda: ran.append(f"read {b.recv(100).decode()}"))
+    yield loop, clock, a, ran
     a.close()
     b.close()
 
@@ -60,14 +68,8 @@ def test_a_periodic_task_runs_once_per_period_however_late_in_it_the_loop_wakes(
     assert ran == pytest.approx([105.0 + late, 110.0 + late, 115.0 + late, 120.0 + late])
 
 
-def test_an_aligned_timer_runs_early_in_an_io_wakeup_after_its_multiple(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    a, b = pair
-    clock = Clock(101.0)
-    loop = Loop(clock=clock, phase=0.05)
-    ran: list[str] = []
-    loop.add_reader(b, lambda: ran.append(f"read {b.recv(100).decode()}"))
+def test_an_aligned_timer_runs_early_in_an_io_wakeup_after_its_multiple(awake: Awake) -> None:
+    loop, clock, a, ran = awake
     loop.call_later(5.0, lambda: ran.append("periodic"), aligned=True)
     clock.now = 104.99
     a.send(b"before")
@@ -79,12 +81,8 @@ def test_an_aligned_timer_runs_early_in_an_io_wakeup_after_its_multiple(
     assert ran == ["read before", "read heartbeat", "periodic"]  # one wake-up for both
 
 
-def test_a_timer_that_is_not_aligned_never_runs_early(pair: tuple[socket.socket, socket.socket]) -> None:
-    a, b = pair
-    clock = Clock(101.0)
-    loop = Loop(clock=clock, phase=0.05)
-    ran: list[str] = []
-    loop.add_reader(b, lambda: ran.append(f"read {b.recv(100).decode()}"))
+def test_a_timer_that_is_not_aligned_never_runs_early(awake: Awake) -> None:
+    loop, clock, a, ran = awake
     loop.call_later(4.0, lambda: ran.append("timer"))
     clock.now = 104.99
     a.send(b"x")
@@ -106,23 +104,16 @@ def test_without_a_phase_an_aligned_timer_runs_on_the_multiple() -> None:
     assert ran == [102.5]
 
 
-def test_an_aligned_timer_that_ran_early_comes_back_at_the_next_multiple(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    a, b = pair
-    clock = Clock(100.0)
-    loop = Loop(clock=clock, phase=0.05)
-    ran: list[float] = []
-
-    def read() -> None:
-        b.recv(100)
-
-    loop.add_reader(b, read)
-    loop.call_later(5.0, lambda: periodic(loop, clock, ran, 5.0), aligned=True)
+def test_an_aligned_timer_that_ran_early_comes_back_at_the_next_multiple(awake: Awake) -> None:
+    loop, clock, a, ran = awake
+    clock.now = 100.0
+    times: list[float] = []
+    loop.call_later(5.0, lambda: periodic(loop, clock, times, 5.0), aligned=True)
     clock.now = 105.001
     a.send(b"heartbeat")
     loop.run_once(max_wait=1)
-    assert ran == [105.001]
+    assert ran == ["read heartbeat"]
+    assert times == [105.001]
     assert loop.next_due() == pytest.approx(110.05)
 
 

@@ -71,12 +71,17 @@ def test_a_heartbeat_wakeup_that_changes_nothing_schedules_no_wakeup_of_its_own(
     assert statuses(link) == 1
 
 
-def test_a_change_after_a_quiet_while_is_published_in_the_wakeup_that_brought_it() -> None:
-    reporter, loop, link, clock = started()
+def change_after_a_quiet_while(reporter: StatusReporter, loop: Loop, link: RecordingLink, clock: Clock) -> None:
+    """Three seconds after the last check, a wake-up whose I/O changed the status (a reconnect); published at once."""
     clock.now += 3.0
     link.reconnects += 1
     wakeup_with_io(loop, reporter)
     assert statuses(link) == 2
+
+
+def test_a_change_after_a_quiet_while_is_published_in_the_wakeup_that_brought_it() -> None:
+    reporter, loop, link, clock = started()
+    change_after_a_quiet_while(reporter, loop, link, clock)
     clock.now += 1.0
     loop.run_once(max_wait=0)  # a second on: unchanged, parked again
     assert loop.next_due() == clock.now - 1.0 + INTERVAL
@@ -84,10 +89,7 @@ def test_a_change_after_a_quiet_while_is_published_in_the_wakeup_that_brought_it
 
 def test_changes_are_published_at_most_once_a_second() -> None:
     reporter, loop, link, clock = started()
-    clock.now += 3.0
-    link.reconnects += 1
-    wakeup_with_io(loop, reporter)
-    assert statuses(link) == 2
+    change_after_a_quiet_while(reporter, loop, link, clock)
     clock.now += 0.25
     link.reconnects += 1
     wakeup_with_io(loop, reporter)
