@@ -258,30 +258,8 @@ def test_at_reload_a_changed_module_restarts_its_worker_with_its_new_subscriptio
     assert process.process.poll() is None
 
 
-BROKEN_SECTION_WORKER = '''"""Half: consumes `topic`, produces "half" on `out`."""
-
-import msgspec
-
-from contracts import Context, Message, Subscription, Worker
-
-
-class HalfConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    topic: str
-    out: str
-
-
-class Half(Worker[HalfConfig]):
-    """Answers "half"."""
-
-    name = "half"
-    Config = HalfConfig
-
-    def subscriptions(self) -> list[Subscription]:
-        return [Subscription(self.config.topic, qos=1)]
-
-    def on_message(self, ctx: Context, message: Message) -> None:
-        ctx.publish(self.config.out, "half", qos=1)
-'''
+# A second worker for the live package: the live one under the name "half", answering "half".
+HALF = LIVE.format(version="half").replace('name = "live"', 'name = "half"')
 
 
 def test_a_section_whose_worker_cannot_be_loaded_fails_that_worker_only_until_a_reload_finds_it_fixed(
@@ -289,7 +267,7 @@ def test_a_section_whose_worker_cannot_be_loaded_fails_that_worker_only_until_a_
 ) -> None:
     module = live_package(tmp_path, supervisors, "1")
     half = module.parent / "half.py"
-    write(half, BROKEN_SECTION_WORKER.replace("import msgspec", "import msgspec\nimport no_such_module_here"))
+    write(half, HALF.replace("import msgspec", "import msgspec\nimport no_such_module_here"))
     topic, out = f"{prefix}/in", f"{prefix}/out"
     workers = {"live": {"topic": topic, "out": out}, "half": {"topic": f"{prefix}/half", "out": f"{prefix}/half/out"}}
     mqtt.subscribe(f"{prefix}/#")
@@ -318,7 +296,7 @@ def test_a_section_whose_worker_cannot_be_loaded_fails_that_worker_only_until_a_
     assert "cannot run" in answer["error"]
     assert value(scrape(port), "supervisor_worker_up", worker="half") == 0
     # Fixed: the next reload starts it; the other worker is untouched.
-    write(half, BROKEN_SECTION_WORKER)
+    write(half, HALF)
     process.config_path.write_text(
         supervisors.config(workers, supervisor={"worker_packages": ["livepkg"]}, metrics={"port": port}).read_text()
     )
